@@ -1,0 +1,62 @@
+# Engram. `make help` lists every target.
+SHELL = /usr/bin/env bash -o pipefail
+.SHELLFLAGS = -ec
+.DEFAULT_GOAL := help
+
+UV_VERSION ?= 0.13.9
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+VENV := .venv
+PY := $(VENV)/bin/python
+REPLICAS ?= 3
+PYTEST_ARGS ?=
+
+##@ General
+
+.PHONY: help
+help: ## List every target with what it does
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m\n"} \
+	  /^[a-zA-Z0-9_-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Development
+
+.PHONY: install
+install: ## Install uv (if missing), Python deps from uv.lock into .venv, and redis-server/haproxy/chromium
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)" || \
+	  { echo "error: could not install uv; install it (pip install uv) and retry" >&2; exit 1; }
+	$(eval UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv))
+	$(UV) sync --frozen --quiet
+	scripts/ensure-system-packages.sh
+
+.PHONY: test
+test: install ## Run lint and the whole test suite (real redis-server, uvicorn, helm; no cluster)
+	$(MAKE) --no-print-directory lint-ruff
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: install lint-ruff ## ruff (lint + format check) and mypy --strict
+	$(VENV)/bin/mypy
+
+.PHONY: lint-ruff
+lint-ruff:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+.PHONY: format
+format: install ## Apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+##@ Run
+
+.PHONY: run
+run: install ## Local stack: redis-server, $(REPLICAS) replicas, HAProxy round-robin (no affinity), web page
+	REPLICAS=$(REPLICAS) scripts/run-local.sh
+
+.PHONY: bench
+bench: install ## Benchmarks: per-turn memory cost vs ChatMemoryBuffer and the JSON pattern (writes docs/benchmarks.md)
+	$(PY) -m bench.turn_cost
+
+.PHONY: clean
+clean: ## Remove the venv, local run data and caches
+	rm -rf $(VENV) .run .pytest_cache .ruff_cache .mypy_cache tests/artifacts

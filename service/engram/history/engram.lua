@@ -1,0 +1,219 @@
+#!lua name=engram_v1
+-- Engram's Redis Functions. Loaded once per primary (FUNCTION LOAD REPLACE) by the operator, the CLI or
+-- the store itself when its user may; tenants' Redis users may only FCALL them (no EVAL, no SCRIPT).
+-- Every function takes the keys of ONE session (one hash tag), plus the tenant's session index where noted.
+-- Stream entry fields: role, content, tokens (counted once, at write time), turn (optional), extra (optional).
+
+local function field(fields, name)
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+  return nil
+end
+
+local function entries_by_ids(log, ids)
+  local out = {}
+  for id in string.gmatch(ids, '%S+') do
+    local found = redis.call('XRANGE', log, id, id)
+    if found[1] then out[#out + 1] = found[1] end
+  end
+  return out
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- A new epoch differs from every earlier epoch of this session key: it is the server's clock in
+-- microseconds, bumped past the previous epoch when the clock has not moved.
+local function new_epoch(meta)
+  local t = redis.call('TIME')
+  local candidate = t[1] .. string.format('%06d', tonumber(t[2]))
+  local old = redis.call('HGET', meta, 'epoch')
+  if old and tonumber(candidate) <= tonumber(old) then candidate = string.format('%.0f', tonumber(old) + 1) end
+  redis.call('HSET', meta, 'epoch', candidate)
+  return candidate
+end
+
+local function apply_ttl(keys, ttl)
+  for i = 1, #keys do
+    if i ~= 4 then  -- keys[4] is the tenant's session index: it never expires
+      if ttl > 0 then redis.call('EXPIRE', keys[i], ttl) else redis.call('PERSIST', keys[i]) end
+    end
+  end
+end
+
+-- Trim to max messages; forget the turn ids of trimmed messages so the idempotency map stays bounded.
+local function apply_retention(log, turns, max)
+  if max <= 0 then return end
+  local len = redis.call('XLEN', log)
+  if len <= max then return end
+  local old = redis.call('XRANGE', log, '-', '+', 'COUNT', len - max)
+  for i = 1, #old do
+    local turn = field(old[i][2], 'turn')
+    if turn then redis.call('HDEL', turns, turn) end
+  end
+  redis.call('XTRIM', log, 'MAXLEN', max)
+end
+
+local function append_messages(log, args, first, count, turn_id)
+  local entries = {}
+  for i = 0, count - 1 do
+    local base = first + i * 4
+    local fields = { 'role', args[base], 'content', args[base + 1], 'tokens', args[base + 2] }
+    if turn_id ~= '' then
+      fields[#fields + 1] = 'turn'; fields[#fields + 1] = turn_id
+    end
+    if args[base + 3] ~= '' then
+      fields[#fields + 1] = 'extra'; fields[#fields + 1] = args[base + 3]
+    end
+    local id = redis.call('XADD', log, '*', unpack(fields))
+    entries[#entries + 1] = { id, fields }
+  end
+  return entries
+end
+
+-- load_window: KEYS log, meta, turns. ARGV cached_epoch, after_id, token_budget, max_count, turn_id.
+-- Returns {epoch, first_id, complete, replay, entries newest-first}. Reads only the entries newer than
+-- after_id (when the cached epoch still holds) that fit the budget: never the whole session.
+local function load_window(keys, args)
+  local log, meta, turns = keys[1], keys[2], keys[3]
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then return { '', '', 1, {}, {} } end
+  local replay = {}
+  if args[5] ~= '' then
+    local ids = redis.call('HGET', turns, args[5])
+    if ids then replay = entries_by_ids(log, ids) end
+  end
+  local after = args[2]
+  if epoch ~= args[1] then after = '' end
+  local budget, max_count = tonumber(args[3]), tonumber(args[4])
+  local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
+  local first_id = first[1] and first[1][1] or ''
+  local lower = '-'
+  if after ~= '' then lower = '(' .. after end
+  local upper, out, used, complete, chunk = '+', {}, 0, 0, 64
+  while true do
+    local batch = redis.call('XREVRANGE', log, upper, lower, 'COUNT', chunk)
+    local full = false
+    for i = 1, #batch do
+      local tokens = tonumber(field(batch[i][2], 'tokens')) or 0
+      if used + tokens > budget or #out >= max_count then full = true; break end
+      used = used + tokens
+      out[#out + 1] = batch[i]
+    end
+    if full then break end
+    if #batch < chunk then complete = 1; break end
+    upper = '(' .. batch[#batch][1]
+  end
+  return { epoch, first_id, complete, replay, out }
+end
+
+-- commit: KEYS log, meta, turns, index. ARGV turn_id, ttl, max_messages, session_id, count,
+-- then count x (role, content, tokens, extra). All messages are appended adjacently in one atomic call.
+-- Returns {duplicate(0|1), epoch, entries, previous_id}; a known turn_id returns what was stored the
+-- first time. previous_id (the newest id before this commit) lets a cache that held exactly that tail
+-- extend itself, so the committing process's next load is a hit.
+local function commit(keys, args)
+  local log, meta, turns, index = keys[1], keys[2], keys[3], keys[4]
+  local turn_id = args[1]
+  if turn_id ~= '' then
+    local ids = redis.call('HGET', turns, turn_id)
+    if ids then return { 1, redis.call('HGET', meta, 'epoch') or '', entries_by_ids(log, ids) } end
+  end
+  local epoch = redis.call('HGET', meta, 'epoch')
+  local now = now_ms()
+  if not epoch then
+    epoch = new_epoch(meta)
+    redis.call('HSET', meta, 'created', now)
+  end
+  redis.call('HSET', meta, 'updated', now)
+  local before = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+  local previous_id = before[1] and before[1][1] or ''
+  local entries = append_messages(log, args, 6, tonumber(args[5]), turn_id)
+  if turn_id ~= '' then
+    local ids = {}
+    for i = 1, #entries do ids[i] = entries[i][1] end
+    redis.call('HSET', turns, turn_id, table.concat(ids, ' '))
+  end
+  apply_retention(log, turns, tonumber(args[3]))
+  apply_ttl(keys, tonumber(args[2]))
+  redis.call('ZADD', index, 0, args[4])
+  return { 0, epoch, entries, previous_id }
+end
+
+-- replace: KEYS log, meta, turns, index. ARGV ttl, max_messages, session_id, count, messages...
+-- Atomically swaps the session's whole history (LlamaIndex set_messages). Zero messages = delete.
+local function replace(keys, args)
+  local log, meta, turns, index = keys[1], keys[2], keys[3], keys[4]
+  local count = tonumber(args[4])
+  redis.call('DEL', log, turns)
+  if count == 0 then
+    redis.call('DEL', meta)
+    redis.call('ZREM', index, args[3])
+    return { '', {} }
+  end
+  local epoch = new_epoch(meta)
+  local now = now_ms()
+  redis.call('HSETNX', meta, 'created', now)
+  redis.call('HSET', meta, 'updated', now)
+  local entries = append_messages(log, args, 5, count, '')
+  apply_retention(log, turns, tonumber(args[2]))
+  apply_ttl(keys, tonumber(args[1]))
+  redis.call('ZADD', index, 0, args[3])
+  return { epoch, entries }
+end
+
+-- delete_at: KEYS log, meta. ARGV position (0-based; negative counts from the newest, -1 = last).
+-- Removes one message, keeps the order and TTL of the rest, and changes the epoch so caches reload.
+local function delete_at(keys, args)
+  local log, meta = keys[1], keys[2]
+  local position = tonumber(args[1])
+  local found
+  if position >= 0 then
+    found = redis.call('XRANGE', log, '-', '+', 'COUNT', position + 1)
+    found = found[position + 1]
+  else
+    found = redis.call('XREVRANGE', log, '+', '-', 'COUNT', -position)
+    found = found[-position]
+  end
+  if not found then return {} end
+  redis.call('XDEL', log, found[1])
+  new_epoch(meta)
+  return { found }
+end
+
+-- delete_session: KEYS log, meta, turns, index, archive. ARGV session_id. 1 when something was deleted.
+local function delete_session(keys, args)
+  local existed = redis.call('DEL', keys[1], keys[2], keys[3], keys[5])
+  local indexed = redis.call('ZREM', keys[4], args[1])
+  if existed + indexed > 0 then return 1 end
+  return 0
+end
+
+-- take_oldest: KEYS log, archive. ARGV n, mode ('archive' moves them to the archive stream keeping
+-- their ids, 'delete' drops them). Returns the entries taken. Caches need no new epoch: they drop
+-- messages older than the log's first id, as after a retention trim.
+local function take_oldest(keys, args)
+  local log, archive = keys[1], keys[2]
+  local n = tonumber(args[1])
+  if n <= 0 then return {} end
+  local taken = redis.call('XRANGE', log, '-', '+', 'COUNT', n)
+  for i = 1, #taken do
+    if args[2] == 'archive' then redis.call('XADD', archive, taken[i][1], unpack(taken[i][2])) end
+    redis.call('XDEL', log, taken[i][1])
+  end
+  if args[2] == 'archive' and #taken > 0 then
+    local ttl = redis.call('TTL', log)
+    if ttl > 0 then redis.call('EXPIRE', archive, ttl) end
+  end
+  return taken
+end
+
+redis.register_function { function_name = 'engram_v1_load', callback = load_window, flags = { 'no-writes' } }
+redis.register_function('engram_v1_commit', commit)
+redis.register_function('engram_v1_replace', replace)
+redis.register_function('engram_v1_delete_at', delete_at)
+redis.register_function('engram_v1_delete_session', delete_session)
+redis.register_function('engram_v1_take_oldest', take_oldest)

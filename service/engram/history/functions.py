@@ -1,0 +1,88 @@
+"""Engram's Redis Functions library and the command allow-list derived from it.
+
+Why Redis Functions rather than EVAL scripts: a function library is loaded once by a privileged user
+(operator, CLI, or the store when it may) and then only *called* with FCALL. Tenant users therefore need
+neither EVAL (arbitrary Lua) nor SCRIPT, and the library is persisted and replicated by Redis itself.
+The library name carries a version (``engram_v1``) so replicas of two releases can run side by side.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoPermissionError
+
+from engram.errors import StoreUnavailable
+
+LIBRARY_NAME = "engram_v1"
+LIBRARY = resources.files("engram.history").joinpath("engram.lua").read_text(encoding="utf-8")
+
+FN_LOAD = "engram_v1_load"
+FN_COMMIT = "engram_v1_commit"
+FN_REPLACE = "engram_v1_replace"
+FN_DELETE_AT = "engram_v1_delete_at"
+FN_DELETE_SESSION = "engram_v1_delete_session"
+FN_TAKE_OLDEST = "engram_v1_take_oldest"
+
+# Every command a user of Engram's history store sends, or that the library runs on its behalf (ACLs
+# apply inside functions too). This is the explicit allow-list for tenant and service Redis users:
+# no categories, because category rules leak (KEYS via @read, FLUSHALL via @write; see docs/design.md).
+TENANT_COMMANDS: tuple[str, ...] = (
+    # issued by the client
+    "ping",  # readiness checks
+    "client|setinfo",  # redis-py's connection handshake (library name/version)
+    "fcall",  # commit, replace, delete_at, delete_session
+    "fcall_ro",  # load_window (runs on read replicas too)
+    "xrange",  # paging through a session's messages
+    "xrevrange",
+    "xlen",  # message counts
+    "hget",  # session metadata (updated time)
+    "zrange",  # paging through the tenant's session index (BYLEX; never KEYS/SCAN)
+    "zrem",  # pruning expired sessions from the index
+    "zcard",  # session count
+    # run by the library inside FCALL
+    "hset",
+    "hsetnx",
+    "hdel",
+    "xadd",
+    "xtrim",
+    "xdel",
+    "expire",
+    "persist",
+    "zadd",
+    "del",
+    "time",
+    "ttl",
+)
+
+
+async def ensure_library(client: aioredis.Redis) -> bool:
+    """Load the library unless this exact code is already there. Returns True when this call loaded it.
+
+    Needs a user allowed to run FUNCTION (the operator's admin user, or Redis without ACLs as in
+    ``make run``). Run it against the primary only: functions replicate to replicas by themselves.
+    """
+    try:
+        listed = await client.function_list(library=LIBRARY_NAME, withcode=True)
+        if any(_library_code(entry) == LIBRARY for entry in listed):
+            return False
+        await client.function_load(LIBRARY, replace=True)
+        return True
+    except NoPermissionError as error:
+        raise StoreUnavailable(
+            f"Redis function library {LIBRARY_NAME} is not loaded and this Redis user may not load it; "
+            "the operator (or `engram tenant` with an admin user) loads it"
+        ) from error
+
+
+def _library_code(entry: object) -> str | None:
+    """The code of one FUNCTION LIST entry (a flat list or a dict, depending on the protocol)."""
+    if isinstance(entry, dict):
+        code = entry.get("library_code")
+    elif isinstance(entry, list):
+        pairs = dict(zip(entry[::2], entry[1::2], strict=False))
+        code = pairs.get("library_code", pairs.get(b"library_code"))
+    else:
+        return None
+    return code.decode() if isinstance(code, bytes) else code

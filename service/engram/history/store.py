@@ -1,0 +1,444 @@
+"""The history store: durable chat history in Redis whose per-turn cost does not grow with the session.
+
+A chat turn costs two Redis round trips, whatever the length of the conversation:
+
+1. :meth:`HistoryStore.load_window` - one ``FCALL_RO`` that validates this process's cached tail and
+   returns only what changed (``hit`` / ``delta``), or the newest messages that fit the token budget
+   (``miss``), reading about one window of entries and never the whole session.
+2. :meth:`HistoryStore.commit_turn` - one ``FCALL`` that appends the user message and the reply
+   adjacently and atomically, refreshes the TTL, applies the retention cap and updates the tenant's
+   session index. Idempotent by ``turn_id``.
+
+Every method raises :class:`~engram.errors.StoreUnavailable` when Redis cannot be reached and the
+:class:`~engram.errors.InvalidInput` family for bad input, before anything is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from engram.errors import InvalidCursor, InvalidMessage, MessageTooLarge, StoreUnavailable
+from engram.history.cache import LoadReply, LoadRequest, TailCache, drop_unanswerable_start, merge
+from engram.history.functions import (
+    FN_COMMIT,
+    FN_DELETE_AT,
+    FN_DELETE_SESSION,
+    FN_LOAD,
+    FN_REPLACE,
+    FN_TAKE_OLDEST,
+    ensure_library,
+)
+from engram.keys import SESSION_ID_PATTERN, KeySpace, SessionKeys, validate_session_id, validate_tenant
+from engram.models import (
+    CommittedTurn,
+    MessagePage,
+    NewMessage,
+    Policy,
+    SessionInfo,
+    SessionPage,
+    StoredMessage,
+    Window,
+)
+from engram.tokens import Tokenizer, default_tokenizer
+
+T = TypeVar("T")
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "chatbot", "model"})
+TURN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024
+DEFAULT_MAX_WINDOW_MESSAGES = 10_000
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _parse_entry(entry: Sequence[Any]) -> StoredMessage:
+    """An entry as FCALL returns it (``[id, [k, v, ...]]``) or as redis-py parses XRANGE (``(id, {k: v})``)."""
+    message_id, raw = entry[0], entry[1]
+    if isinstance(raw, dict):
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+    else:
+        fields = {_text(raw[i]): _text(raw[i + 1]) for i in range(0, len(raw), 2)}
+    return StoredMessage(
+        id=_text(message_id),
+        role=fields.get("role", "user"),
+        content=fields.get("content", ""),
+        tokens=int(fields.get("tokens", "0")),
+        turn_id=fields.get("turn"),
+        extra=fields.get("extra"),
+    )
+
+
+def _encode_cursor(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, check: re.Pattern[str]) -> str:
+    try:
+        value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor(f"invalid cursor {cursor!r}: pass back a `next` value unchanged") from None
+    if not check.fullmatch(value):
+        raise InvalidCursor(f"invalid cursor {cursor!r}: pass back a `next` value unchanged")
+    return value
+
+
+def validate_turn_id(turn_id: object) -> str:
+    if not isinstance(turn_id, str) or not TURN_ID_PATTERN.fullmatch(turn_id):
+        raise InvalidMessage(
+            f"invalid turn id {turn_id!r}: expected 1-128 characters of [A-Za-z0-9._:-], "
+            "starting with a letter or digit"
+        )
+    return turn_id
+
+
+class HistoryStore:
+    """Chat history of many tenants and sessions in one Redis.
+
+    ``client`` is a ``redis.asyncio.Redis`` (see :func:`engram.connections.create_redis` for one with
+    the timeouts Engram expects). ``cache_sessions`` bounds the per-process tail cache (0 disables it).
+    The tokenizer counts tokens once per message, at write time.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: KeySpace | None = None,
+        *,
+        cache_sessions: int = 10_000,
+        tokenizer: Tokenizer | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_window_messages: int = DEFAULT_MAX_WINDOW_MESSAGES,
+    ) -> None:
+        self.client = client
+        self.keys = keys or KeySpace()
+        self.cache = TailCache(cache_sessions)
+        self.cache_capacity = cache_sessions
+        self.count_tokens = tokenizer or default_tokenizer()
+        self.max_message_bytes = max_message_bytes
+        self.max_window_messages = max_window_messages
+
+    # --- plumbing -------------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _redis_errors(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise StoreUnavailable(f"Redis is unavailable: {error}") from error
+
+    async def _call(self, make_call: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis call; load the function library once if Redis says it is missing."""
+        async with self._redis_errors():
+            try:
+                return await make_call()
+            except ResponseError as error:
+                if "Function not found" not in str(error):
+                    raise
+            await ensure_library(self.client)
+            return await make_call()
+
+    async def ensure_library(self) -> bool:
+        """Load Engram's Redis functions if they are missing (needs a user allowed to FUNCTION LOAD)."""
+        async with self._redis_errors():
+            return await ensure_library(self.client)
+
+    async def ping(self) -> bool:
+        async with self._redis_errors():
+            return bool(await self.client.ping())
+
+    def _session(self, tenant: str, session_id: str) -> SessionKeys:
+        return self.keys.session(validate_tenant(tenant), validate_session_id(session_id))
+
+    def _message_args(self, messages: Sequence[NewMessage]) -> list[str | int]:
+        """Validate messages and flatten them for the library, counting tokens once, here."""
+        args: list[str | int] = []
+        for message in messages:
+            if message.role not in ROLES:
+                raise InvalidMessage(f"invalid role {message.role!r}: expected one of {sorted(ROLES)}")
+            if not isinstance(message.content, str):
+                raise InvalidMessage("message content must be a string")
+            size = len(message.content.encode("utf-8", errors="surrogatepass"))
+            if size > self.max_message_bytes:
+                raise MessageTooLarge(f"message of {size} bytes is over the limit of {self.max_message_bytes} bytes")
+            try:
+                message.content.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidMessage("message content is not valid Unicode (lone surrogate)") from None
+            args += [message.role, message.content, self.count_tokens(message.content), message.extra or ""]
+        return args
+
+    # --- the hot path ---------------------------------------------------------------------------------
+    async def load_window(
+        self, tenant: str, session_id: str, token_budget: int, *, turn_id: str | None = None
+    ) -> Window:
+        """The newest messages that fit ``token_budget``, oldest first, in one round trip.
+
+        With ``turn_id``, ``Window.replay`` carries that turn if it was already committed (a client
+        retry): the caller can answer it without running the model again.
+        """
+        keys = self._session(tenant, session_id)
+        if turn_id is not None:
+            validate_turn_id(turn_id)
+        if token_budget < 0:
+            raise InvalidMessage("token budget must not be negative")
+        tail = self.cache.get(keys.log)
+        request = LoadRequest.for_tail(tail, token_budget)
+        raw = await self._call(
+            lambda: self.client.fcall_ro(
+                FN_LOAD,
+                3,
+                keys.log,
+                keys.meta,
+                keys.turns,
+                request.epoch,
+                request.after_id,
+                token_budget,
+                self.max_window_messages,
+                turn_id or "",
+            )
+        )
+        epoch, first_id, complete, replay_entries, entries = raw
+        reply = LoadReply(
+            epoch=_text(epoch),
+            first_id=_text(first_id),
+            complete=int(complete) == 1,
+            entries_newest_first=[_parse_entry(e) for e in entries],
+        )
+        outcome, new_tail = merge(request, tail, reply, token_budget)
+        self.cache.put(keys.log, new_tail)
+        messages = drop_unanswerable_start(list(new_tail.messages)) if new_tail else []
+        replay = None
+        if replay_entries and turn_id:
+            replay = CommittedTurn(turn_id, [_parse_entry(e) for e in replay_entries], duplicate=True)
+        return Window(messages, outcome, sum(m.tokens for m in messages), replay)
+
+    async def commit_turn(
+        self,
+        tenant: str,
+        session_id: str,
+        turn_id: str,
+        user_message: str,
+        assistant_message: str,
+        policy: Policy | None = None,
+    ) -> CommittedTurn:
+        """Append the user message and the reply as one adjacent, atomic pair (one round trip)."""
+        return await self.append(
+            tenant,
+            session_id,
+            [NewMessage("user", user_message), NewMessage("assistant", assistant_message)],
+            policy,
+            turn_id=turn_id,
+        )
+
+    async def append(
+        self,
+        tenant: str,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        policy: Policy | None = None,
+        *,
+        turn_id: str | None = None,
+    ) -> CommittedTurn:
+        """Append messages atomically and adjacently. With ``turn_id`` the call is idempotent: a
+        second call with the same id stores nothing and returns the first call's messages."""
+        keys = self._session(tenant, session_id)
+        policy = policy or Policy()
+        if turn_id is not None:
+            validate_turn_id(turn_id)
+        if not messages:
+            raise InvalidMessage("nothing to append")
+        for message in messages:
+            if message.role == "user" and not message.content.strip():
+                raise InvalidMessage("message is empty")
+        args = self._message_args(messages)
+        raw = await self._call(
+            lambda: self.client.fcall(
+                FN_COMMIT,
+                5,
+                keys.log,
+                keys.meta,
+                keys.turns,
+                keys.index,
+                keys.archive,
+                turn_id or "",
+                policy.session_ttl_seconds,
+                policy.max_messages_per_session,
+                session_id,
+                len(messages),
+                *args,
+            )
+        )
+        duplicate, epoch, entries = raw[0], _text(raw[1]), [_parse_entry(e) for e in raw[2]]
+        if int(duplicate) == 1:
+            return CommittedTurn(turn_id or "", entries, duplicate=True)
+        self.cache.extend(keys.log, epoch, _text(raw[3]), entries)
+        return CommittedTurn(turn_id or "", entries)
+
+    # --- whole-session operations (LlamaIndex chat-store semantics) -------------------------------------
+    async def replace(
+        self, tenant: str, session_id: str, messages: Sequence[NewMessage], policy: Policy | None = None
+    ) -> list[StoredMessage]:
+        """Atomically replace the whole history (an empty list deletes the session)."""
+        keys = self._session(tenant, session_id)
+        policy = policy or Policy()
+        args = self._message_args(messages)
+        raw = await self._call(
+            lambda: self.client.fcall(
+                FN_REPLACE,
+                5,
+                keys.log,
+                keys.meta,
+                keys.turns,
+                keys.index,
+                keys.archive,
+                policy.session_ttl_seconds,
+                policy.max_messages_per_session,
+                session_id,
+                len(messages),
+                *args,
+            )
+        )
+        self.cache.discard(keys.log)
+        return [_parse_entry(e) for e in raw[1]]
+
+    async def delete_message_at(self, tenant: str, session_id: str, position: int) -> StoredMessage | None:
+        """Delete the message at ``position`` (0 = oldest, -1 = newest); order and TTL of the rest stay."""
+        keys = self._session(tenant, session_id)
+        raw = await self._call(lambda: self.client.fcall(FN_DELETE_AT, 2, keys.log, keys.meta, position))
+        self.cache.discard(keys.log)
+        return _parse_entry(raw[0]) if raw else None
+
+    async def delete_session(self, tenant: str, session_id: str) -> bool:
+        """Delete every key of the session and its index entry. Returns False when it did not exist."""
+        keys = self._session(tenant, session_id)
+        raw = await self._call(
+            lambda: self.client.fcall(
+                FN_DELETE_SESSION, 5, keys.log, keys.meta, keys.turns, keys.index, keys.archive, session_id
+            )
+        )
+        self.cache.discard(keys.log)
+        return int(raw) == 1
+
+    async def take_oldest(self, tenant: str, session_id: str, count: int, *, archive: bool) -> list[StoredMessage]:
+        """Remove the ``count`` oldest messages atomically; with ``archive`` move them to the
+        session's archive stream (LlamaIndex Memory's archive_oldest_messages)."""
+        keys = self._session(tenant, session_id)
+        mode = "archive" if archive else "delete"
+        raw = await self._call(lambda: self.client.fcall(FN_TAKE_OLDEST, 2, keys.log, keys.archive, count, mode))
+        return [_parse_entry(e) for e in raw]
+
+    async def all_messages(
+        self, tenant: str, session_id: str, *, archived: bool = False, offset: int = 0, limit: int | None = None
+    ) -> list[StoredMessage]:
+        """Messages oldest first, from the log or the archive (LlamaIndex's get_messages; not on the
+        hot path: it reads the whole range asked for)."""
+        keys = self._session(tenant, session_id)
+        count = None if limit is None else offset + limit
+        async with self._redis_errors():
+            entries = await self.client.xrange(keys.archive if archived else keys.log, count=count)
+        return [_parse_entry(e) for e in entries[offset:]]
+
+    async def delete_archive(self, tenant: str, session_id: str) -> None:
+        keys = self._session(tenant, session_id)
+        async with self._redis_errors():
+            await self.client.delete(keys.archive)
+
+    async def count_messages(self, tenant: str, session_id: str, *, archived: bool = False) -> int:
+        keys = self._session(tenant, session_id)
+        async with self._redis_errors():
+            return int(await self.client.xlen(keys.archive if archived else keys.log))
+
+    async def messages(
+        self, tenant: str, session_id: str, *, limit: int = 100, cursor: str | None = None
+    ) -> MessagePage:
+        """One page of messages, oldest first. ``cursor`` is the previous page's ``next_cursor``."""
+        keys = self._session(tenant, session_id)
+        if not 1 <= limit <= 1000:
+            raise InvalidMessage("limit must be between 1 and 1000")
+        start = "-" if cursor is None else "(" + _decode_cursor(cursor, _STREAM_ID)
+        async with self._redis_errors():
+            entries = await self.client.xrange(keys.log, min=start, max="+", count=limit + 1)
+        page = [_parse_entry(e) for e in entries[:limit]]
+        next_cursor = _encode_cursor(page[-1].id) if len(entries) > limit else None
+        return MessagePage(page, next_cursor)
+
+    # --- tenant-wide operations -----------------------------------------------------------------------
+    async def list_sessions(self, tenant: str, *, limit: int = 100, cursor: str | None = None) -> SessionPage:
+        """A page of the tenant's sessions in id order, from the session index (never KEYS or SCAN).
+        Sessions that expired since they were indexed are pruned from the index on the way."""
+        index = self.keys.session_index(validate_tenant(tenant))
+        if not 1 <= limit <= 1000:
+            raise InvalidMessage("limit must be between 1 and 1000")
+        start = "-" if cursor is None else "(" + validate_session_id(_decode_cursor(cursor, re.compile(".+")))
+        async with self._redis_errors():
+            members = await self.client.zrange(index, start, "+", bylex=True, offset=0, num=limit + 1)
+            ids = [_text(m) for m in members]
+            page_ids = ids[:limit]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for session_id in page_ids:
+                    keys = self.keys.session(tenant, session_id)
+                    pipe.xlen(keys.log)
+                    pipe.hget(keys.meta, "updated")
+                replies = await pipe.execute()
+            sessions: list[SessionInfo] = []
+            expired: list[str] = []
+            for i, session_id in enumerate(page_ids):
+                count, updated = replies[2 * i], replies[2 * i + 1]
+                if not count:
+                    expired.append(session_id)
+                    continue
+                sessions.append(SessionInfo(session_id, int(count), int(_text(updated) or 0) / 1000.0))
+            if expired:
+                await self.client.zrem(index, *expired)
+        next_cursor = _encode_cursor(page_ids[-1]) if len(ids) > limit else None
+        return SessionPage(sessions, next_cursor)
+
+    async def session_ids(self, tenant: str) -> list[str]:
+        """Every live session id of the tenant, page by page from the index."""
+        ids: list[str] = []
+        cursor: str | None = None
+        while True:
+            page = await self.list_sessions(tenant, limit=1000, cursor=cursor)
+            ids += [s.session_id for s in page.sessions]
+            if page.next_cursor is None:
+                return ids
+            cursor = page.next_cursor
+
+    async def count_sessions(self, tenant: str) -> int:
+        """Sessions in the tenant's index (may include some that expired and were not pruned yet)."""
+        async with self._redis_errors():
+            return int(await self.client.zcard(self.keys.session_index(validate_tenant(tenant))))
+
+    async def purge_tenant(self, tenant: str, *, batch: int = 100) -> int:
+        """Delete every session of ``tenant``, ``batch`` at a time from the index. Returns how many."""
+        index = self.keys.session_index(validate_tenant(tenant))
+        deleted = 0
+        while True:
+            async with self._redis_errors():
+                members = await self.client.zrange(index, 0, batch - 1)
+            if not members:
+                return deleted
+            session_ids = [_text(m) for m in members]
+            async with self._redis_errors():
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for session_id in session_ids:
+                        # An index entry that is not a valid id has no keys: it is only unindexed.
+                        if SESSION_ID_PATTERN.fullmatch(session_id):
+                            keys = self.keys.session(tenant, session_id)
+                            pipe.delete(*keys.session_keys())
+                            self.cache.discard(keys.log)
+                            deleted += 1
+                    pipe.zrem(index, *session_ids)
+                    await pipe.execute()

@@ -1,0 +1,114 @@
+"""Every Redis key Engram reads or writes is built here, and nowhere else.
+
+Layout (``engram`` is the configurable namespace, ``acme`` a tenant, ``s1`` a session)::
+
+    engram:acme:{acme:s1}:log      stream   the session's messages, oldest first (server-ordered ids)
+    engram:acme:{acme:s1}:meta     hash     epoch (changes on any rewrite), created_at
+    engram:acme:{acme:s1}:turns    hash     turn_id -> "<user msg id> <assistant msg id>" (idempotency)
+    engram:acme:{acme:s1}:archive  stream   messages LlamaIndex's Memory archived (moved out of the log)
+    engram:acme:sessions           zset     session_id scored by last update (ms): the tenant's session index
+    engram:_sys:tenant:acme        hash     tenant registry record (policy, API-key hash) - NOT tenant-writable
+    engram:_sys:tenants            set      names of registered tenants
+
+Why this shape:
+- Every key of tenant ``acme`` starts with ``engram:acme:``. Tenant names are DNS labels (``[a-z0-9-]``),
+  so the ACL pattern ``engram:acme:*`` can never match ``engram:acme-2:...``: the character after ``acme``
+  is ``:`` for acme and ``-`` for acme-2. ``_sys`` is not a DNS label, so no tenant pattern reaches the
+  registry.
+- The keys of one session share the Redis Cluster hash tag ``{tenant:session}``, so the Lua scripts that
+  touch them all are single-slot. The tenant index is a separate slot; see docs/design.md.
+- Session ids are ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``: no glob metacharacters, no ``{}`` or ``:``,
+  so they can neither break the hash tag nor widen an ACL pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from engram.errors import InvalidSessionId, InvalidTenant
+
+DEFAULT_NAMESPACE = "engram"
+SYSTEM_SEGMENT = "_sys"
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# RFC 1123 DNS label, as Kubernetes names are.
+TENANT_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+NAMESPACE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def validate_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it is a valid session id, else raise :class:`InvalidSessionId`."""
+    if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
+        raise InvalidSessionId(
+            f"invalid session id {session_id!r}: expected 1-128 characters of [A-Za-z0-9._-], "
+            "starting with a letter or digit"
+        )
+    return session_id
+
+
+def validate_tenant(tenant: object) -> str:
+    """Return ``tenant`` if it is a DNS label (lowercase, digits, '-', at most 63), else raise."""
+    if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
+        raise InvalidTenant(
+            f"invalid tenant {tenant!r}: expected a DNS label (1-63 of [a-z0-9-], "
+            "starting and ending with a letter or digit)"
+        )
+    return tenant
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    """The keys of one session. All share one hash tag."""
+
+    log: str
+    meta: str
+    turns: str
+    archive: str
+    index: str  # the tenant's session index (different slot)
+
+    def session_keys(self) -> tuple[str, str, str, str]:
+        """The keys that belong to the session itself (deleted with it)."""
+        return (self.log, self.meta, self.turns, self.archive)
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Builds keys under one namespace (``engram`` by default)."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        if not NAMESPACE_PATTERN.fullmatch(self.namespace):
+            raise ValueError(f"invalid key namespace {self.namespace!r}: expected [a-z][a-z0-9_-]{{0,31}}")
+
+    # --- tenant space -------------------------------------------------------------------------------
+    def tenant_prefix(self, tenant: str) -> str:
+        """Prefix shared by every key of ``tenant`` (and by no key of any other tenant)."""
+        return f"{self.namespace}:{validate_tenant(tenant)}:"
+
+    def tenant_acl_key_patterns(self, tenant: str) -> list[str]:
+        """ACL key patterns (``~pattern``) that match every key of ``tenant`` and nothing else."""
+        return [f"{self.tenant_prefix(tenant)}*"]
+
+    def session_index(self, tenant: str) -> str:
+        return f"{self.tenant_prefix(tenant)}sessions"
+
+    def session(self, tenant: str, session_id: str) -> SessionKeys:
+        prefix = self.tenant_prefix(tenant)
+        tag = f"{{{tenant}:{validate_session_id(session_id)}}}"
+        base = f"{prefix}{tag}"
+        return SessionKeys(
+            log=f"{base}:log",
+            meta=f"{base}:meta",
+            turns=f"{base}:turns",
+            archive=f"{base}:archive",
+            index=self.session_index(tenant),
+        )
+
+    # --- system space (operator / CLI only; never in a tenant's ACL) ---------------------------------
+    def tenant_record(self, tenant: str) -> str:
+        return f"{self.namespace}:{SYSTEM_SEGMENT}:tenant:{validate_tenant(tenant)}"
+
+    def tenant_set(self) -> str:
+        return f"{self.namespace}:{SYSTEM_SEGMENT}:tenants"

@@ -1,0 +1,112 @@
+"""``EngramDBChatStore``: a Redis backend for LlamaIndex's ``Memory`` class.
+
+``Memory.from_defaults(chat_store=EngramDBChatStore(store=...), session_id=...)`` keeps the active
+queue in the session's log stream and archived messages in its archive stream. Archiving the oldest
+messages is one atomic function call, so two ``Memory`` instances on one session neither lose nor
+duplicate archived messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.storage.chat_store.base_db import AsyncDBChatStore, MessageStatus
+
+from engram.history.store import HistoryStore
+from engram.llama_index._runtime import StoreRuntime
+from engram.llama_index.chat_store import store_from_url
+from engram.llama_index.convert import to_chat_message, to_new_message
+from engram.models import Policy
+
+
+class EngramDBChatStore(AsyncDBChatStore):
+    tenant: str = Field(default="default", description="tenant (DNS label) the sessions belong to")
+    ttl: int = Field(default=0, ge=0, description="seconds an idle session lives; 0 = forever")
+    max_messages: int = Field(default=100_000, ge=2, description="active messages beyond this are trimmed")
+
+    _runtime: StoreRuntime = PrivateAttr()
+
+    def __init__(self, *, store: HistoryStore, **data: Any) -> None:
+        super().__init__(**data)
+        self._runtime = StoreRuntime(store)
+
+    @classmethod
+    def from_url(cls, url: str, **data: Any) -> EngramDBChatStore:
+        return cls(store=store_from_url(url), **data)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "EngramDBChatStore"
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(session_ttl_seconds=self.ttl, max_messages_per_session=self.max_messages)
+
+    @property
+    def _store(self) -> HistoryStore:
+        return self._runtime.current()
+
+    async def get_messages(
+        self,
+        key: str,
+        status: MessageStatus | None = MessageStatus.ACTIVE,
+        limit: int | None = None,
+        offset: int | None = None,
+    ) -> list[ChatMessage]:
+        statuses = [MessageStatus.ARCHIVED, MessageStatus.ACTIVE] if status is None else [status]
+        stored = []
+        for each in statuses:  # archived messages are older than every active one
+            stored += await self._store.all_messages(self.tenant, key, archived=each == MessageStatus.ARCHIVED)
+        start = offset or 0
+        stored = stored[start : None if limit is None else start + limit]
+        return [to_chat_message(m) for m in stored]
+
+    async def count_messages(self, key: str, status: MessageStatus | None = MessageStatus.ACTIVE) -> int:
+        active = await self._store.count_messages(self.tenant, key)
+        if status == MessageStatus.ACTIVE:
+            return active
+        archived = await self._store.count_messages(self.tenant, key, archived=True)
+        return archived if status == MessageStatus.ARCHIVED else active + archived
+
+    def _refuse_archived_writes(self, status: MessageStatus) -> None:
+        if status != MessageStatus.ACTIVE:
+            raise ValueError("only active messages can be written; archive them with archive_oldest_messages")
+
+    async def add_message(self, key: str, message: ChatMessage, status: MessageStatus = MessageStatus.ACTIVE) -> None:
+        await self.add_messages(key, [message], status)
+
+    async def add_messages(
+        self, key: str, messages: list[ChatMessage], status: MessageStatus = MessageStatus.ACTIVE
+    ) -> None:
+        self._refuse_archived_writes(status)
+        if messages:
+            await self._store.append(self.tenant, key, [to_new_message(m) for m in messages], self.policy)
+
+    async def set_messages(
+        self, key: str, messages: list[ChatMessage], status: MessageStatus = MessageStatus.ACTIVE
+    ) -> None:
+        self._refuse_archived_writes(status)
+        await self._store.replace(self.tenant, key, [to_new_message(m) for m in messages], self.policy)
+
+    async def delete_message(self, key: str, idx: int) -> ChatMessage | None:
+        deleted = await self._store.delete_message_at(self.tenant, key, idx)
+        return to_chat_message(deleted) if deleted else None
+
+    async def delete_messages(self, key: str, status: MessageStatus | None = None) -> None:
+        if status is None:
+            await self._store.delete_session(self.tenant, key)
+        elif status == MessageStatus.ACTIVE:
+            await self._store.replace(self.tenant, key, [], self.policy)
+        else:
+            await self._store.delete_archive(self.tenant, key)
+
+    async def delete_oldest_messages(self, key: str, n: int) -> list[ChatMessage]:
+        return [to_chat_message(m) for m in await self._store.take_oldest(self.tenant, key, n, archive=False)]
+
+    async def archive_oldest_messages(self, key: str, n: int) -> list[ChatMessage]:
+        return [to_chat_message(m) for m in await self._store.take_oldest(self.tenant, key, n, archive=True)]
+
+    async def get_keys(self) -> list[str]:
+        return await self._store.session_ids(self.tenant)

@@ -1,0 +1,67 @@
+"""The one settings object: every knob of Engram comes from an ``ENGRAM_*`` environment variable.
+
+Read it once (:func:`get_settings`) and pass it down. Invalid values fail at start with pydantic's
+message naming the variable.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engram.keys import NAMESPACE_PATTERN
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENGRAM_", extra="ignore", frozen=True)
+
+    # --- Redis -----------------------------------------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis://, rediss://, unix://)")
+    redis_username: str | None = Field(None, description="Redis ACL user (overrides the URL's)")
+    redis_password: SecretStr | None = Field(None, description="Redis password (overrides the URL's)")
+    redis_socket_timeout: float = Field(1.0, gt=0, le=30, description="seconds before a Redis call fails")
+    redis_connect_timeout: float = Field(0.5, gt=0, le=30, description="seconds to open a connection")
+    redis_max_connections: int = Field(64, ge=1, le=10_000)
+    namespace: str = Field("engram", description="first segment of every Redis key")
+
+    # --- memory policy (defaults; a tenant's registry record may override) ------------------------------
+    token_limit: int = Field(3000, ge=16, le=1_000_000, description="tokens of history given to the model")
+    session_ttl_seconds: int = Field(7 * 24 * 3600, ge=0, description="idle sessions expire; 0 = never")
+    max_messages_per_session: int = Field(10_000, ge=2, le=10_000_000, description="oldest are trimmed")
+    max_message_bytes: int = Field(32 * 1024, ge=1, le=16 * 1024 * 1024, description="UTF-8 bytes per message")
+    cache_sessions: int = Field(10_000, ge=0, description="session tails kept per process (0 = no cache)")
+
+    # --- model ---------------------------------------------------------------------------------------
+    llm: Literal["echo", "openai-like"] = "echo"
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_api_key: SecretStr | None = None
+    llm_timeout: float = Field(60.0, gt=0)
+
+    # --- API ------------------------------------------------------------------------------------------
+    auth: Literal["required", "disabled"] = "required"
+    tenant_cache_seconds: float = Field(2.0, ge=0, le=60, description="API-key lookups are cached this long")
+
+    # --- tenancy: operator and `engram tenant` (added by the tenancy work) -----------------------------
+    redis_replica_urls: str = Field(
+        "", description="comma-separated replica URLs: tenant ACL users are set on each (ACLs do not replicate)"
+    )
+    operator_repair_interval_seconds: float = Field(
+        60.0, gt=0, le=86_400, description="how often the operator re-checks each tenant for drift"
+    )
+    operator_purge_batch: int = Field(100, ge=1, le=10_000, description="sessions deleted per purge batch")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_a_key_segment(cls, value: str) -> str:
+        if not NAMESPACE_PATTERN.fullmatch(value):
+            raise ValueError("must match [a-z][a-z0-9_-]{0,31}")
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

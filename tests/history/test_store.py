@@ -1,0 +1,286 @@
+"""The history store against a real redis-server: durability across processes, concurrency,
+cache correctness, idempotency, TTL, retention, round trips, bad input and Redis failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from engram.errors import InvalidCursor, InvalidMessage, InvalidSessionId, MessageTooLarge, StoreUnavailable
+from engram.history import HistoryStore
+from engram.history.cache import drop_unanswerable_start, fit_budget
+from engram.models import NewMessage, Policy
+from tests.history.conftest import make_store
+from tests.support.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_worker(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.history.worker", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+
+
+def test_a_turn_committed_by_a_process_that_exited_is_loaded_by_a_new_process(redis_url: str) -> None:
+    run_worker("commit", redis_url, "s1", "t1", "my name is Ada", "hello Ada")
+    loaded = json.loads(run_worker("load", redis_url, "s1", "3000").stdout)
+    assert loaded == {"outcome": "miss", "contents": ["my name is Ada", "hello Ada"]}
+
+
+def test_concurrent_processes_on_one_session_lose_nothing_and_keep_each_pair_adjacent(redis_url: str) -> None:
+    workers, turns = 8, 50
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "tests.history.worker", "hammer", redis_url, "s1", f"w{w}", str(turns)],
+                         cwd=ROOT)
+        for w in range(workers)
+    ]  # fmt: skip
+    assert [p.wait(timeout=120) for p in processes] == [0] * workers
+    entries = redis.Redis.from_url(redis_url, decode_responses=True).xrange("engram:acme:{acme:s1}:log")
+    contents = [fields["content"] for _, fields in entries]
+    assert len(contents) == workers * turns * 2
+    for i in range(0, len(contents), 2):
+        assert contents[i].startswith("u ") and contents[i + 1] == "a " + contents[i][2:]
+    assert len(set(contents)) == len(contents)
+
+
+async def test_alternating_replicas_each_see_the_previous_turn(store: HistoryStore, other_store: HistoryStore) -> None:
+    outcomes = []
+    for n in range(10):
+        replica = store if n % 2 == 0 else other_store
+        window = await replica.load_window("acme", "s1", 3000)
+        outcomes.append(window.outcome)
+        if n:
+            assert window.messages[-2].content == f"question {n - 1}"
+            assert window.messages[-1].content == f"answer {n - 1}"
+        await replica.commit_turn("acme", "s1", f"t{n}", f"question {n}", f"answer {n}")
+    # A first sees an empty session (nothing to cache); from then on each replica fetches only the other's turn.
+    assert outcomes == ["miss", "miss", "miss"] + ["delta"] * 7
+
+
+async def test_the_committing_replica_loads_its_own_next_turn_from_cache(store: HistoryStore) -> None:
+    outcomes = []
+    for n in range(5):
+        outcomes.append((await store.load_window("acme", "s1", 3000)).outcome)
+        await store.commit_turn("acme", "s1", f"t{n}", f"q{n}", f"a{n}")
+    assert outcomes == ["miss", "miss", "hit", "hit", "hit"]
+
+
+async def test_a_cached_tail_is_not_served_after_the_session_is_deleted_elsewhere(
+    store: HistoryStore, other_store: HistoryStore
+) -> None:
+    await store.commit_turn("acme", "s1", "t1", "old question", "old answer")
+    await store.load_window("acme", "s1", 3000)
+    assert await other_store.delete_session("acme", "s1")
+    assert (await store.load_window("acme", "s1", 3000)).messages == []
+    await other_store.commit_turn("acme", "s1", "t1", "new question", "new answer")
+    window = await store.load_window("acme", "s1", 3000)
+    assert [m.content for m in window.messages] == ["new question", "new answer"]
+    assert window.outcome == "miss"
+
+
+async def test_window_holds_the_newest_messages_that_fit_the_budget(store: HistoryStore) -> None:
+    for n in range(100):
+        await store.commit_turn("acme", "s1", f"t{n}", f"question number {n}", f"answer number {n}")
+    everything = await store.all_messages("acme", "s1")
+    fresh = make_store(_url(store))  # an empty cache: a miss reads the window from Redis
+    window = await fresh.load_window("acme", "s1", 50)
+    await fresh.client.aclose()
+    assert sum(m.tokens for m in window.messages) <= 50
+    assert window.messages == everything[-len(window.messages) :]
+    assert window.messages[0].role == "user"
+    older = everything[-len(window.messages) - 1]
+    assert older.role == "assistant" or sum(m.tokens for m in window.messages) + older.tokens > 50
+
+
+def _url(store: HistoryStore) -> str:
+    kwargs = store.client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/0"
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_windows_always_equal_a_fresh_read_whatever_other_replicas_do(
+    store: HistoryStore, other_store: HistoryStore, seed: int
+) -> None:
+    """Random interleavings of commits, deletes, rewrites, message deletions and retention trims on two
+    replicas: every cached load equals the window computed from the full history read afresh."""
+    rng = random.Random(seed)
+    replicas = [store, other_store]
+    for step in range(150):
+        actor = rng.choice(replicas)
+        action = rng.random()
+        if action < 0.55:
+            words = " ".join(
+                rng.choice(["memory", "redis", "turn", "cache", "token"]) for _ in range(rng.randint(1, 30))
+            )
+            policy = Policy(max_messages_per_session=rng.choice([8, 40, 1000]))
+            await actor.commit_turn("acme", "s1", f"t{step}", f"q{step} {words}", f"a{step}", policy)
+        elif action < 0.6:
+            await actor.delete_session("acme", "s1")
+        elif action < 0.65:
+            await actor.replace("acme", "s1", [NewMessage("user", f"rewritten {step}")])
+        elif action < 0.7:
+            await actor.delete_message_at("acme", "s1", rng.choice([0, -1, 1]))
+        else:
+            budget = rng.choice([10, 60, 200, 3000])
+            window = await actor.load_window("acme", "s1", budget)
+            everything = await store.all_messages("acme", "s1")
+            expected = drop_unanswerable_start(fit_budget(everything, budget))
+            assert window.messages == expected, f"step {step}: stale or wrong window"
+
+
+async def test_retrying_a_turn_id_stores_it_once_and_returns_the_first_reply(store: HistoryStore) -> None:
+    first = await store.commit_turn("acme", "s1", "turn-1", "hi", "first reply")
+    again = await store.commit_turn("acme", "s1", "turn-1", "hi", "second reply")
+    assert (first.duplicate, again.duplicate) == (False, True)
+    assert again.reply == "first reply" and again.messages == first.messages
+    assert await store.count_messages("acme", "s1") == 2
+    replay = (await store.load_window("acme", "s1", 3000, turn_id="turn-1")).replay
+    assert replay is not None and replay.reply == "first reply"
+
+
+async def test_each_commit_refreshes_the_session_ttl(store: HistoryStore) -> None:
+    policy = Policy(session_ttl_seconds=100)
+    keys = store.keys.session("acme", "s1")
+    await store.commit_turn("acme", "s1", "t1", "q", "a", policy)
+    await store.client.expire(keys.log, 5)
+    await store.commit_turn("acme", "s1", "t2", "q", "a", policy)
+    for key in (keys.log, keys.meta, keys.turns):
+        assert 95 <= await store.client.ttl(key) <= 100
+    assert await store.client.ttl(keys.index) == -1  # the tenant index never expires
+
+
+async def test_expired_sessions_vanish_from_the_listing(store: HistoryStore) -> None:
+    await store.commit_turn("acme", "short", "t1", "q", "a", Policy(session_ttl_seconds=1))
+    await store.commit_turn("acme", "long", "t1", "q", "a", Policy(session_ttl_seconds=100))
+    deadline = time.monotonic() + 5
+    while await store.client.exists(store.keys.session("acme", "short").log) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert [s.session_id for s in (await store.list_sessions("acme")).sessions] == ["long"]
+    assert await store.count_sessions("acme") == 1  # pruned from the index on the way
+
+
+async def test_retention_keeps_the_newest_messages_and_forgets_trimmed_turn_ids(store: HistoryStore) -> None:
+    policy = Policy(max_messages_per_session=6)
+    await store.load_window("acme", "s1", 3000)
+    for n in range(5):
+        await store.commit_turn("acme", "s1", f"t{n}", f"q{n}", f"a{n}", policy)
+    contents = [m.content for m in await store.all_messages("acme", "s1")]
+    assert contents == ["q2", "a2", "q3", "a3", "q4", "a4"]
+    assert await store.client.hkeys(store.keys.session("acme", "s1").turns) == ["t2", "t3", "t4"]
+    window = await store.load_window("acme", "s1", 3000)  # the cache drops what was trimmed too
+    assert [m.content for m in window.messages] == contents
+
+
+async def test_a_turn_costs_two_commands_at_the_server(redis_server: RedisServer, store: HistoryStore) -> None:
+    for n in range(3):  # warm up: connection handshake, function library loaded
+        await store.load_window("acme", "s1", 3000)
+        await store.commit_turn("acme", "s1", f"warm{n}", "q", "a")
+    monitor, marker = redis.Redis(port=redis_server.port), redis.Redis(port=redis_server.port)
+    marker.ping()  # connect now, so its handshake is not seen below
+    seen: list[str] = []
+    with monitor.monitor() as m:
+        await store.load_window("acme", "s1", 3000)
+        await store.commit_turn("acme", "s1", "counted", "q", "a")
+        marker.ping()  # stop reading here
+        for event in m.listen():
+            if event["command"] == "PING":
+                break
+            if event.get("client_type") != "lua":
+                seen.append(event["command"].split()[0].upper())
+    assert seen == ["FCALL_RO", "FCALL"]
+
+
+async def test_paging_through_messages_returns_each_once_in_order(store: HistoryStore) -> None:
+    for n in range(7):
+        await store.commit_turn("acme", "s1", f"t{n}", f"q{n}", f"a{n}")
+    seen, cursor = [], None
+    while True:
+        page = await store.messages("acme", "s1", limit=3, cursor=cursor)
+        seen += [m.content for m in page.messages]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == [x for n in range(7) for x in (f"q{n}", f"a{n}")]
+
+
+async def test_paging_through_sessions_returns_each_once(store: HistoryStore) -> None:
+    for n in range(25):
+        await store.commit_turn("acme", f"s{n:02d}", "t", "q", "a")
+    await store.commit_turn("acme-2", "other", "t", "q", "a")
+    seen, cursor = [], None
+    while True:
+        page = await store.list_sessions("acme", limit=10, cursor=cursor)
+        seen += [s.session_id for s in page.sessions]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == [f"s{n:02d}" for n in range(25)]
+    assert all(s.messages == 2 for s in (await store.list_sessions("acme")).sessions)
+
+
+async def test_delete_removes_every_key_of_the_session(store: HistoryStore) -> None:
+    await store.commit_turn("acme", "s1", "t1", "q", "a")
+    assert await store.delete_session("acme", "s1")
+    assert not await store.client.exists(*store.keys.session("acme", "s1").session_keys())
+    assert not await store.delete_session("acme", "s1")
+    assert (await store.list_sessions("acme")).sessions == []
+
+
+async def test_purging_a_tenant_deletes_its_sessions_and_no_other_tenants(store: HistoryStore) -> None:
+    for n in range(250):
+        await store.commit_turn("acme", f"s{n}", "t", "q", "a")
+    await store.commit_turn("acme-2", "s1", "t", "q", "a")
+    assert await store.purge_tenant("acme", batch=100) == 250
+    assert await store.client.keys("engram:acme:*") == []
+    assert await store.count_messages("acme-2", "s1") == 2
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda s: s.commit_turn("acme", "bad id", "t", "q", "a"), InvalidSessionId),
+        (lambda s: s.commit_turn("acme", "s1", "t", "   ", "a"), InvalidMessage),
+        (lambda s: s.commit_turn("acme", "s1", "t", "x" * 40_000, "a"), MessageTooLarge),
+        (lambda s: s.commit_turn("acme", "s1", "bad turn!", "q", "a"), InvalidMessage),
+        (lambda s: s.append("acme", "s1", [NewMessage("wizard", "q")]), InvalidMessage),
+        (lambda s: s.commit_turn("acme", "s1", "t", "\ud800", "a"), InvalidMessage),
+        (lambda s: s.messages("acme", "s1", cursor="not-a-cursor"), InvalidCursor),
+        (lambda s: s.list_sessions("acme", cursor="%%%"), InvalidCursor),
+    ],
+)
+async def test_bad_input_is_refused_and_stored_history_is_untouched(store: HistoryStore, call, error) -> None:  # type: ignore[no-untyped-def]
+    await store.commit_turn("acme", "s1", "t0", "keep me", "kept")
+    with pytest.raises(error):
+        await call(store)
+    assert [m.content for m in await store.all_messages("acme", "s1")] == ["keep me", "kept"]
+
+
+async def test_unicode_and_control_characters_round_trip_byte_exact(store: HistoryStore) -> None:
+    text = 'emoji 🧠, NUL \x00, bell \x07, RTL \u202e, CJK 記憶, newline\n, quote " and \\'
+    await store.commit_turn("acme", "s1", "t1", text, text[::-1])
+    window = await store.load_window("acme", "s1", 3000)
+    assert [m.content for m in window.messages] == [text, text[::-1]]
+
+
+async def test_redis_down_fails_fast_with_store_unavailable(redis_server: RedisServer, store: HistoryStore) -> None:
+    await store.commit_turn("acme", "s1", "t1", "q", "a")
+    redis_server.kill()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await store.load_window("acme", "s1", 3000)
+    with pytest.raises(StoreUnavailable):
+        await store.commit_turn("acme", "s1", "t2", "q", "a")
+    assert time.monotonic() - started < 3
+    redis_server.start()  # AOF with fsync always: the acknowledged turn survived the crash
+    window = await store.load_window("acme", "s1", 3000)
+    assert [m.content for m in window.messages] == ["q", "a"]
