@@ -3,6 +3,8 @@ into a fast, clear error (HTTP 503) instead of a hang."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -13,11 +15,10 @@ from engram.settings import Settings
 def create_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
     """An asyncio Redis client (one connection pool) for ``url`` or ``settings.redis_url``."""
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    overrides: dict[str, str] = {}
-    if settings.redis_username:
-        overrides["username"] = settings.redis_username
-    if password:
-        overrides["password"] = password
+    # Explicit credentials override the URL's; from_url only takes them as keyword arguments.
+    credentials: dict[str, Any] = {
+        key: value for key, value in (("username", settings.redis_username), ("password", password)) if value
+    }
     return aioredis.Redis.from_url(
         url or settings.redis_url,
         decode_responses=True,
@@ -28,5 +29,5 @@ def create_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
         # One quick retry covers a dropped idle connection; more would only delay the 503.
         retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1),
         client_name="engram",
-        **overrides,
+        **credentials,
     )

@@ -347,7 +347,7 @@ class HistoryStore:
         keys = self._session(tenant, session_id)
         count = None if limit is None else offset + limit
         async with self._redis_errors():
-            entries = await self.client.xrange(keys.archive if archived else keys.log, count=count)
+            entries = await self.client.xrange(keys.archive if archived else keys.log, count=count) or []
         return [_parse_entry(e) for e in entries[offset:]]
 
     async def delete_archive(self, tenant: str, session_id: str) -> None:
@@ -369,7 +369,7 @@ class HistoryStore:
             raise InvalidMessage("limit must be between 1 and 1000")
         start = "-" if cursor is None else "(" + _decode_cursor(cursor, _STREAM_ID)
         async with self._redis_errors():
-            entries = await self.client.xrange(keys.log, min=start, max="+", count=limit + 1)
+            entries = await self.client.xrange(keys.log, min=start, max="+", count=limit + 1) or []
         page = [_parse_entry(e) for e in entries[:limit]]
         next_cursor = _encode_cursor(page[-1].id) if len(entries) > limit else None
         return MessagePage(page, next_cursor)

@@ -60,7 +60,7 @@ class EngramMemory(BaseMemory):
         return "EngramMemory"
 
     @classmethod
-    def from_defaults(cls, **kwargs: Any) -> EngramMemory:  # type: ignore[override]
+    def from_defaults(cls, **kwargs: Any) -> EngramMemory:
         """``EngramMemory.from_defaults(store=..., session_id=..., token_limit=...)``."""
         return cls(**kwargs)
 
