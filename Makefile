@@ -29,7 +29,7 @@ install: ## Install uv (if missing), Python deps from uv.lock into .venv, and re
 	scripts/ensure-system-packages.sh
 
 .PHONY: test
-test: install ## Run lint and the whole test suite (real redis-server, uvicorn, helm; no cluster)
+test: install helm ## Run lint and the whole test suite (real redis-server, uvicorn, haproxy, chromium, helm; no cluster)
 	$(MAKE) --no-print-directory lint-ruff
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
@@ -38,7 +38,7 @@ lint: install lint-ruff ## ruff (lint + format check) and mypy --strict
 	$(VENV)/bin/mypy
 
 .PHONY: lint-ruff
-lint-ruff:
+lint-ruff: ## ruff check and ruff format --check (what make test runs)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
@@ -56,6 +56,10 @@ run: install ## Local stack: redis-server, $(REPLICAS) replicas, HAProxy round-r
 .PHONY: bench
 bench: install ## Benchmarks: per-turn memory cost vs ChatMemoryBuffer and the JSON pattern (writes docs/benchmarks.md)
 	$(PY) -m bench.turn_cost
+
+include deploy/deploy.mk
+
+##@ Cleanup
 
 .PHONY: clean
 clean: ## Remove the venv, local run data and caches

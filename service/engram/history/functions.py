@@ -32,12 +32,14 @@ TENANT_COMMANDS: tuple[str, ...] = (
     # issued by the client
     "ping",  # readiness checks
     "client|setinfo",  # redis-py's connection handshake (library name/version)
+    "client|setname",  # connections are named "engram", so CLIENT LIST shows who is who
     "fcall",  # commit, replace, delete_at, delete_session
     "fcall_ro",  # load_window (runs on read replicas too)
     "xrange",  # paging through a session's messages
     "xrevrange",
     "xlen",  # message counts
     "hget",  # session metadata (updated time)
+    "hgetall",  # the service reading a tenant's registry record (its user may read engram:_sys:*)
     "zrange",  # paging through the tenant's session index (BYLEX; never KEYS/SCAN)
     "zrem",  # pruning expired sessions from the index
     "zcard",  # session count

@@ -1,0 +1,205 @@
+{{/*
+engram.name: the chart name (or nameOverride), cut to 63 characters because label values and DNS
+labels stop there.
+*/}}
+{{- define "engram.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+engram.fullname: the prefix of every object name. Cut to 40 characters, not 63: the chart appends
+suffixes ("-redis-headless", 15 characters) and the Redis StatefulSet's name must stay within 52 (its
+pods get a "controller-revision-hash" label of name + "-" + 10 characters).
+If the release name already contains the chart name it is used alone (release "engram" -> "engram").
+*/}}
+{{- define "engram.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+engram.chart: chart name and version for the helm.sh/chart label ("+" is not allowed in label values).
+*/}}
+{{- define "engram.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+engram.labels: the recommended app.kubernetes.io labels on every object. Takes a dict with the root
+context (ctx) and the component (chat, operator, redis, ...), so each workload can be selected alone.
+*/}}
+{{- define "engram.labels" -}}
+helm.sh/chart: {{ include "engram.chart" .ctx }}
+{{ include "engram.selectorLabels" . }}
+{{- if .ctx.Chart.AppVersion }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/part-of: engram
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end }}
+
+{{/*
+engram.selectorLabels: the immutable subset used in selectors (name, instance, component). Never add a
+label here that can change between upgrades: Deployment selectors cannot be edited.
+*/}}
+{{- define "engram.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "engram.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
+engram.image: "repository:tag" for the Engram image (chat service, operator and test hook share it).
+The tag defaults to the chart's appVersion; a digest, when set, wins over the tag.
+*/}}
+{{- define "engram.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+engram.chat.fullname / operator / redis: object names per component.
+*/}}
+{{- define "engram.chat.fullname" -}}
+{{- printf "%s-chat" (include "engram.fullname" .) }}
+{{- end }}
+
+{{- define "engram.operator.fullname" -}}
+{{- printf "%s-operator" (include "engram.fullname" .) }}
+{{- end }}
+
+{{- define "engram.redis.fullname" -}}
+{{- printf "%s-redis" (include "engram.fullname" .) }}
+{{- end }}
+
+{{- define "engram.redis.headless" -}}
+{{- printf "%s-redis-headless" (include "engram.fullname" .) }}
+{{- end }}
+
+{{/*
+engram.chat.serviceAccountName / engram.operator.serviceAccountName: the ServiceAccount each workload
+runs as. The chat service needs no Kubernetes API access; the operator's is bound to its RBAC.
+*/}}
+{{- define "engram.chat.serviceAccountName" -}}
+{{- if .Values.chat.serviceAccount.create }}
+{{- default (include "engram.chat.fullname" .) .Values.chat.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.chat.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "engram.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "engram.operator.fullname" .) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+engram.redis.secretName: the Secret holding the Redis users' names and passwords, whether the chart
+generated it (bundled Redis) or the user brought it (redis.auth.existingSecret, externalRedis).
+Keys: admin-username, admin-password, service-username, service-password (+ replication-password and
+exporter-password for the bundled Redis).
+*/}}
+{{- define "engram.redis.secretName" -}}
+{{- if .Values.redis.enabled }}
+{{- default (printf "%s-auth" (include "engram.redis.fullname" .)) .Values.redis.auth.existingSecret }}
+{{- else }}
+{{- required "externalRedis.existingSecret is required when redis.enabled=false" .Values.externalRedis.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/*
+engram.redis.url: the URL of the Redis primary that the chat service and the operator use. For the
+bundled Redis it is the "<fullname>-redis" Service, which always selects pod 0 (the primary).
+*/}}
+{{- define "engram.redis.url" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s.%s.svc:%d/0" (include "engram.redis.fullname" .) .Release.Namespace (int .Values.redis.service.port) }}
+{{- else }}
+{{- required "externalRedis.url is required when redis.enabled=false" .Values.externalRedis.url }}
+{{- end }}
+{{- end }}
+
+{{/*
+engram.redis.replicaUrls: comma-separated URLs of every replica. The operator applies tenant ACL users
+to each of them, because Redis does not replicate ACLs.
+*/}}
+{{- define "engram.redis.replicaUrls" -}}
+{{- if .Values.redis.enabled }}
+{{- $urls := list }}
+{{- range $i := untilStep 1 (int (add1 .Values.redis.replicas)) 1 }}
+{{- $urls = append $urls (printf "redis://%s-%d.%s.%s.svc:%d/0" (include "engram.redis.fullname" $) $i (include "engram.redis.headless" $) $.Release.Namespace (int $.Values.redis.service.port)) }}
+{{- end }}
+{{- join "," $urls }}
+{{- else }}
+{{- join "," .Values.externalRedis.replicaUrls }}
+{{- end }}
+{{- end }}
+
+{{/*
+engram.llm.secretName: the Secret with the model API key (key "api-key"), or "" when none is used.
+*/}}
+{{- define "engram.llm.secretName" -}}
+{{- if .Values.config.llm.existingSecret }}
+{{- .Values.config.llm.existingSecret }}
+{{- else if .Values.config.llm.apiKey }}
+{{- printf "%s-llm" (include "engram.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+engram.commonEnv: the environment every Engram process (chat service, operator) shares: where Redis is,
+how to log in, and the key namespace.
+*/}}
+{{- define "engram.commonEnv" -}}
+- name: ENGRAM_REDIS_URL
+  value: {{ include "engram.redis.url" . | quote }}
+- name: ENGRAM_NAMESPACE
+  value: {{ .Values.config.keyNamespace | quote }}
+{{- end }}
+
+{{/*
+engram.podSecurityContext / engram.containerSecurityContext: the "restricted" Pod Security Standard.
+Workloads merge their own values on top (runAsUser of an upstream image, fsGroup for volumes).
+*/}}
+{{- define "engram.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/*
+engram.checksum: a hash of a rendered template, put in a pod annotation so the pods roll when their
+configuration changes.
+*/}}
+{{- define "engram.checksum" -}}
+{{- include (print .ctx.Template.BasePath "/" .file) .ctx | sha256sum }}
+{{- end }}
+
+{{/*
+engram.redis.aclCommands: an allow-list of command names as ACL rules ("ping fcall" -> "+ping +fcall").
+*/}}
+{{- define "engram.redis.aclCommands" -}}
+{{- $rules := list }}
+{{- range . }}
+{{- $rules = append $rules (printf "+%s" (lower .)) }}
+{{- end }}
+{{- join " " $rules }}
+{{- end }}
