@@ -1,15 +1,13 @@
 """Per-turn memory cost: Engram vs what users pick instead, measured interleaved in one run.
 
-A "turn" = load the history window for the turn + store the user message and the reply (no model time).
-Contenders, on the same redis-server started here:
-  engram-hit    one replica: its cached tail is validated, nothing new to fetch
-  engram-delta  two replicas alternating: each fetches the other's turn
-  engram-cold   no cache: every load reads the window
-  cmb+redis     LlamaIndex ChatMemoryBuffer over llama-index-storage-chat-store-redis
-  json-get-set  GET the JSON history, rebuild a ChatMemoryBuffer, SET it back (the seeds' pattern)
+Every contender runs on the same redis-server (started here, AOF everysec), at each history length,
+with all sizes and contenders interleaved turn by turn so machine noise hits them alike. A contender
+whose single turn at a size takes longer than --probe-timeout (checked first in a child process) is
+stopped there and reported as such. Then each measured contender's Redis work per turn is counted:
+round trips (commands the client sent, from MONITOR) and bytes to and from Redis (INFO stats).
 
-Run: `make bench` (or `python -m bench.turn_cost --sizes 10,1000 --turns 20`). Writes docs/benchmarks.md
-and docs/benchmarks.png unless --no-write.
+    python -m bench.turn_cost                     # the full run (make bench)
+    python -m bench.turn_cost --sizes 10,100 --turns 3 --no-write   # a smoke run
 """
 
 from __future__ import annotations
@@ -18,129 +16,34 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import redis
-from llama_index.core.base.llms.types import ChatMessage
-from llama_index.core.memory import ChatMemoryBuffer
-from llama_index.core.storage.chat_store import SimpleChatStore
-from llama_index.storage.chat_store.redis import RedisChatStore as LlamaRedisChatStore
 
-from engram.connections import create_redis
-from engram.history import HistoryStore
-from engram.keys import KeySpace
-from engram.models import NewMessage, Policy
-from engram.settings import Settings
+from bench.contenders import ALL_CONTENDERS, ALTERNATIVES, Contenders, Turn
 from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN_LIMIT = 3000
-POLICY = Policy(token_limit=TOKEN_LIMIT, session_ttl_seconds=0, max_messages_per_session=1_000_000)
-# ~60 tokens per message, as the issue specifies
-FILLER = "Engram keeps chat memory in Redis so any replica can serve the next turn of a conversation " * 3
 
 
-def message_text(n: int) -> str:
-    return f"message {n}: {FILLER}"
-
-
-Turn = Callable[[int], Awaitable[None]]
-
-
-class Contenders:
-    """Builds each contender's per-turn function over a session pre-filled with `size` messages."""
-
-    def __init__(self, url: str, port: int) -> None:
-        self.url, self.port = url, port
-        self.sync = redis.Redis(port=port)
-
-    def engram_store(self, cache: bool) -> HistoryStore:
-        return HistoryStore(create_redis(Settings(redis_url=self.url)), KeySpace(), cache_sessions=10 if cache else 0)
-
-    async def seed_engram(self, session: str, size: int) -> None:
-        store = self.engram_store(cache=False)
-        for start in range(0, size, 500):
-            batch = [
-                NewMessage("user" if n % 2 == 0 else "assistant", message_text(n))
-                for n in range(start, min(size, start + 500))
-            ]
-            await store.append("bench", session, batch, POLICY)
-        await store.client.aclose()
-
-    async def build(self, name: str, size: int) -> Turn:
-        if name.startswith("engram-"):
-            return await self.engram(size, name.removeprefix("engram-"))
-        return await {"cmb+redis": self.chat_memory_buffer, "json-get-set": self.json_get_set}[name](size)
-
-    async def engram(self, size: int, mode: str) -> Turn:
-        session = f"engram-{mode}-{size}"
-        await self.seed_engram(session, size)
-        replicas = [self.engram_store(cache=mode != "cold") for _ in range(2 if mode == "delta" else 1)]
-        for replica in replicas:  # warm: library loaded, connections open, tails cached
-            await replica.load_window("bench", session, TOKEN_LIMIT)
-
-        async def turn(n: int) -> None:
-            replica = replicas[n % len(replicas)]
-            await replica.load_window("bench", session, TOKEN_LIMIT)
-            await replica.commit_turn("bench", session, f"t{n}", message_text(n), message_text(n + 1), POLICY)
-
-        return turn
-
-    async def chat_memory_buffer(self, size: int) -> Turn:
-        key = f"cmb-{size}"
-        chat_store = LlamaRedisChatStore(redis_url=self.url)
-        messages = [
-            ChatMessage(role="user" if n % 2 == 0 else "assistant", content=message_text(n)) for n in range(size)
-        ]
-        self.sync.rpush(key, *[json.dumps(m.model_dump(mode="json")) for m in messages]) if messages else None
-
-        async def turn(n: int) -> None:
-            memory = ChatMemoryBuffer.from_defaults(token_limit=TOKEN_LIMIT, chat_store=chat_store, chat_store_key=key)
-            memory.put(ChatMessage(role="user", content=message_text(n)))
-            memory.get()
-            memory.put(ChatMessage(role="assistant", content=message_text(n + 1)))
-
-        return turn
-
-    async def json_get_set(self, size: int) -> Turn:
-        key = f"json-{size}"
-        history = [{"role": "user" if n % 2 == 0 else "assistant", "content": message_text(n)} for n in range(size)]
-        self.sync.set(key, json.dumps(history))
-
-        async def turn(n: int) -> None:
-            raw = self.sync.get(key)
-            stored = json.loads(raw) if raw else []
-            messages = [ChatMessage(role=m["role"], content=m["content"]) for m in stored]
-            memory = ChatMemoryBuffer.from_defaults(token_limit=TOKEN_LIMIT, chat_store=SimpleChatStore())
-            memory.set(messages)
-            memory.put(ChatMessage(role="user", content=message_text(n)))
-            memory.get()
-            memory.put(ChatMessage(role="assistant", content=message_text(n + 1)))
-            self.sync.set(key, json.dumps([{"role": m.role.value, "content": m.content} for m in memory.get_all()]))
-
-        return turn
-
-
-async def measure(
-    turns: dict[tuple[int, str], Turn], count: int, budget_s: float
-) -> dict[tuple[int, str], list[float]]:
-    """Run the contenders' turns interleaved (turn i of each, then turn i+1 ...), so drift hits all alike.
-    A contender whose turns have used up `budget_s` stops early (its sample is then smaller)."""
-    samples: dict[tuple[int, str], list[float]] = {name: [] for name in turns}
-    spent = dict.fromkeys(turns, 0.0)
-    for i in range(count):
-        for name, turn in turns.items():
-            if spent[name] > budget_s:
-                continue
-            started = time.perf_counter()
-            await turn(i)
-            elapsed = time.perf_counter() - started
-            samples[name].append(elapsed)
-            spent[name] += elapsed
-    return samples
+@dataclass
+class Result:
+    size: int
+    contender: str
+    turns: int = 0
+    median_ms: float | None = None
+    p99_ms: float | None = None
+    round_trips: float | None = None
+    bytes_to_redis: float | None = None
+    bytes_from_redis: float | None = None
+    stopped: str | None = None  # why it was not measured at this size
+    samples_ms: list[float] = field(default_factory=list, repr=False)
 
 
 def p99(values: list[float]) -> float:
@@ -148,47 +51,145 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
-ALL_CONTENDERS = ("engram-hit", "engram-delta", "engram-cold", "cmb+redis", "json-get-set")
+def probe_one_turn(name: str, size: int, url: str, timeout_s: float) -> float | None:
+    """Seconds one turn takes, in a child process killed at `timeout_s` (None when it was)."""
+    command = [sys.executable, "-m", "bench.turn_cost", "--probe", name, str(size), url]
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s + 30, check=True)
+    except subprocess.TimeoutExpired:
+        return None
+    return float(done.stdout.strip())
+
+
+async def run_probe(name: str, size: int, url: str) -> None:
+    turn = await Contenders(url, prefix="probe-").build(name, size)
+    started = time.perf_counter()
+    await turn.run(0)
+    print(time.perf_counter() - started)
+
+
+async def measure(
+    turns: dict[tuple[int, str], Turn], count: int, budget_s: float
+) -> dict[tuple[int, str], list[float]]:
+    """Turn i of every contender at every size, then turn i+1, ... A contender that has spent `budget_s`
+    at a size stops there (its sample is then smaller; the report says how many turns it ran)."""
+    samples: dict[tuple[int, str], list[float]] = {key: [] for key in turns}
+    spent = dict.fromkeys(turns, 0.0)
+    for i in range(count):
+        for key, turn in turns.items():
+            if spent[key] > budget_s:
+                continue
+            started = time.perf_counter()
+            await turn.run(i)
+            elapsed = time.perf_counter() - started
+            turn.settle()
+            samples[key].append(elapsed * 1000)
+            spent[key] += elapsed
+    return samples
+
+
+async def redis_work(turn: Turn, port: int, first_n: int, turns: int = 3) -> tuple[float, float, float]:
+    """(round trips, bytes to Redis, bytes from Redis) per turn, averaged over `turns` turns."""
+    admin = redis.Redis(port=port)
+    admin.ping()
+
+    def net() -> tuple[int, int]:
+        stats = admin.info("stats")
+        return int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
+
+    baseline_in, baseline_out = net()
+    empty_in, empty_out = net()  # what the INFO call itself adds
+    overhead_in, overhead_out = empty_in - baseline_in, empty_out - baseline_out
+    before_in, before_out = net()
+    for n in range(turns):
+        await turn.run(first_n + n)
+        turn.settle()
+    after_in, after_out = net()
+    # settle() is outside the timed turn but reaches Redis; it is an LTRIM of a few bytes at most.
+    bytes_in = (after_in - before_in - overhead_in) / turns
+    bytes_out = (after_out - before_out - overhead_out) / turns
+
+    commands: list[str] = []
+    marker = redis.Redis(port=port)
+    marker.ping()
+    with admin.monitor() as monitor:
+        done = threading.Event()
+
+        def collect() -> None:
+            for event in monitor.listen():
+                if event["command"].startswith("ECHO engram-bench-end"):
+                    break
+                if event.get("client_type") != "lua":
+                    commands.append(event["command"].split()[0].upper())
+            done.set()
+
+        reader = threading.Thread(target=collect, daemon=True)
+        reader.start()
+        await asyncio.sleep(0.2)  # let MONITOR attach
+        for n in range(turns):
+            await turn.run(first_n + turns + n)
+        marker.echo("engram-bench-end")
+        done.wait(timeout=30)
+        turn.settle()  # after the marker: not counted
+    return len(commands) / turns, bytes_in, bytes_out
 
 
 async def run(
-    sizes: list[int], count: int, budget_s: float, only: tuple[str, ...] = ALL_CONTENDERS
-) -> list[dict[str, object]]:
-    rows: list[dict[str, object]] = []
+    sizes: list[int], count: int, budget_s: float, probe_timeout_s: float, only: tuple[str, ...]
+) -> list[Result]:
+    results: dict[tuple[int, str], Result] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp), None, "--appendfsync", "everysec").start()
         try:
-            contenders = Contenders(server.url, server.port)
+            contenders = Contenders(server.url)
             turns: dict[tuple[int, str], Turn] = {}
             for size in sizes:
                 for name in only:
+                    results[(size, name)] = Result(size, name)
+                    if name in ALTERNATIVES:
+                        seconds = probe_one_turn(name, size, server.url, probe_timeout_s)
+                        if seconds is None or seconds > probe_timeout_s:
+                            results[(size, name)].stopped = f"one turn took over {probe_timeout_s:.0f} s"
+                            print(f"{size:>6} {name:<13} stopped: one turn > {probe_timeout_s:.0f} s", flush=True)
+                            continue
                     turns[(size, name)] = await contenders.build(name, size)
-            # Every size and contender interleaved: machine noise hits all of them alike.
             samples = await measure(turns, count, budget_s)
-            for (size, name), values in samples.items():
-                rows.append({
-                    "size": size, "contender": name, "turns": len(values),
-                    "median_ms": statistics.median(values) * 1000, "p99_ms": p99(values) * 1000,
-                })  # fmt: skip
-                print(f"{size:>6} {name:<13} n={len(values):<4} median {rows[-1]['median_ms']:9.3f} ms"
-                      f"  p99 {rows[-1]['p99_ms']:9.3f} ms", flush=True)  # fmt: skip
+            for key, values in samples.items():
+                result = results[key]
+                result.turns, result.samples_ms = len(values), values
+                result.median_ms, result.p99_ms = statistics.median(values), p99(values)
+                result.round_trips, result.bytes_to_redis, result.bytes_from_redis = await redis_work(
+                    turns[key], server.port, first_n=count + 10
+                )
+                print(
+                    f"{key[0]:>6} {key[1]:<13} n={result.turns:<4} median {result.median_ms:10.3f} ms"
+                    f"  p99 {result.p99_ms:10.3f} ms  round trips {result.round_trips:5.1f}"
+                    f"  bytes {result.bytes_to_redis:9.0f} to / {result.bytes_from_redis:9.0f} from Redis",
+                    flush=True,
+                )
         finally:
             server.stop()
-    return rows
+    return list(results.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,100,1000,10000", help="history lengths (messages)")
-    parser.add_argument("--turns", type=int, default=50, help="turns per contender and size")
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds a contender may spend per size")
+    parser.add_argument("--turns", type=int, default=200, help="turns per contender and size")
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds a contender may spend per size")
+    parser.add_argument("--probe-timeout", type=float, default=60.0, help="longest single turn allowed")
     parser.add_argument("--only", default=",".join(ALL_CONTENDERS), help="contenders to run")
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "turn_cost.json")
+    parser.add_argument("--probe", nargs=3, metavar=("NAME", "SIZE", "URL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        asyncio.run(run_probe(args.probe[0], int(args.probe[1]), args.probe[2]))
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
-    rows = asyncio.run(run(sizes, args.turns, args.budget, tuple(args.only.split(","))))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    results = asyncio.run(run(sizes, args.turns, args.budget, args.probe_timeout, tuple(args.only.split(","))))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from engram.settings import Settings
 
@@ -26,8 +27,9 @@ def create_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
         socket_connect_timeout=settings.redis_connect_timeout,
         max_connections=settings.redis_max_connections,
         health_check_interval=30,
-        # One quick retry covers a dropped idle connection; more would only delay the 503.
-        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1),
+        # One quick retry covers a dropped idle connection. Timeouts are not retried: a hung Redis
+        # must turn into a 503 after one socket timeout, not two.
+        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1, supported_errors=(RedisConnectionError,)),
         client_name="engram",
         **credentials,
     )

@@ -128,12 +128,17 @@ class TailCache:
             return
         self._tails[key] = tail
 
-    def extend(self, key: str, epoch: str, previous_id: str, committed: Sequence[StoredMessage]) -> None:
-        """After a commit: if the cached tail ended exactly where the commit began, append the committed
-        messages, so the tail still equals what Redis holds and the next load is a hit."""
+    def extend(
+        self, key: str, epoch: str, previous_id: str, committed: Sequence[StoredMessage], budget: int
+    ) -> None:
+        """After a commit: if the cached tail ended exactly where the commit began (or the commit
+        opened the session), append the committed messages, so the tail still equals what Redis
+        holds and the next load is a hit."""
         if self._tails is None or not committed:
             return
         tail = self._tails.get(key)
+        if tail is None and previous_id == "":  # this commit wrote the session's first messages
+            tail = CachedTail(epoch, "", (), budget, complete=True)
         if tail is None or tail.epoch != epoch or tail.last_id != previous_id:
             return
         joined = list(tail.messages) + list(committed)

@@ -149,6 +149,12 @@ class HistoryStore:
             await ensure_library(self.client)
             return await make_call()
 
+    async def _call_on_session(self, function: str, keys: SessionKeys, *args: str | int) -> Any:
+        """FCALL a library function that takes the session's keys in the fixed order
+        log, meta, turns, index, archive (commit, replace, delete_session)."""
+        all_keys = (keys.log, keys.meta, keys.turns, keys.index, keys.archive)
+        return await self._call(lambda: self.client.fcall(function, len(all_keys), *all_keys, *args))
+
     async def ensure_library(self) -> bool:
         """Load Engram's Redis functions if they are missing (needs a user allowed to FUNCTION LOAD)."""
         async with self._redis_errors():
@@ -263,27 +269,14 @@ class HistoryStore:
             if message.role == "user" and not message.content.strip():
                 raise InvalidMessage("message is empty")
         args = self._message_args(messages)
-        raw = await self._call(
-            lambda: self.client.fcall(
-                FN_COMMIT,
-                5,
-                keys.log,
-                keys.meta,
-                keys.turns,
-                keys.index,
-                keys.archive,
-                turn_id or "",
-                policy.session_ttl_seconds,
-                policy.max_messages_per_session,
-                session_id,
-                len(messages),
-                *args,
-            )
-        )
+        raw = await self._call_on_session(
+            FN_COMMIT, keys, turn_id or "", policy.session_ttl_seconds, policy.max_messages_per_session,
+            session_id, len(messages), *args,
+        )  # fmt: skip
         duplicate, epoch, entries = raw[0], _text(raw[1]), [_parse_entry(e) for e in raw[2]]
         if int(duplicate) == 1:
             return CommittedTurn(turn_id or "", entries, duplicate=True)
-        self.cache.extend(keys.log, epoch, _text(raw[3]), entries)
+        self.cache.extend(keys.log, epoch, _text(raw[3]), entries, policy.token_limit)
         return CommittedTurn(turn_id or "", entries)
 
     # --- whole-session operations (LlamaIndex chat-store semantics) -------------------------------------
@@ -294,22 +287,10 @@ class HistoryStore:
         keys = self._session(tenant, session_id)
         policy = policy or Policy()
         args = self._message_args(messages)
-        raw = await self._call(
-            lambda: self.client.fcall(
-                FN_REPLACE,
-                5,
-                keys.log,
-                keys.meta,
-                keys.turns,
-                keys.index,
-                keys.archive,
-                policy.session_ttl_seconds,
-                policy.max_messages_per_session,
-                session_id,
-                len(messages),
-                *args,
-            )
-        )
+        raw = await self._call_on_session(
+            FN_REPLACE, keys, policy.session_ttl_seconds, policy.max_messages_per_session,
+            session_id, len(messages), *args,
+        )  # fmt: skip
         self.cache.discard(keys.log)
         return [_parse_entry(e) for e in raw[1]]
 
@@ -323,11 +304,7 @@ class HistoryStore:
     async def delete_session(self, tenant: str, session_id: str) -> bool:
         """Delete every key of the session and its index entry. Returns False when it did not exist."""
         keys = self._session(tenant, session_id)
-        raw = await self._call(
-            lambda: self.client.fcall(
-                FN_DELETE_SESSION, 5, keys.log, keys.meta, keys.turns, keys.index, keys.archive, session_id
-            )
-        )
+        raw = await self._call_on_session(FN_DELETE_SESSION, keys, session_id)
         self.cache.discard(keys.log)
         return int(raw) == 1
 

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# The whole Engram stack on one machine, no cluster: redis-server (AOF on, data under ./.run/redis),
+# REPLICAS chat service replicas, and HAProxy round-robin in front of them (no session affinity).
+# Ctrl-C stops everything; the next run finds the conversations of this one.
+#
+#   REPLICAS=3 scripts/run-local.sh          (what `make run` does)
+#
+# Environment (all optional):
+#   REPLICAS=3               service replicas
+#   PORT=8080                the load balancer's port: the page is http://127.0.0.1:$PORT/
+#   BIND=127.0.0.1           address the load balancer listens on
+#   REPLICA_BASE_PORT=8101   replica i listens on REPLICA_BASE_PORT+i-1 (its /metrics is there)
+#   REDIS_PORT=6390          the local redis-server
+#   RUN_DIR=.run             data, logs, rendered configs
+#   WORKERS=1                uvicorn workers per replica
+#   ENGRAM_AUTH=disabled     local default (anyone on this machine may chat); any ENGRAM_* is passed on
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO="$(pwd)"
+
+REPLICAS="${REPLICAS:-3}"
+PORT="${PORT:-8080}"
+BIND="${BIND:-127.0.0.1}"
+REPLICA_BASE_PORT="${REPLICA_BASE_PORT:-8101}"
+REDIS_PORT="${REDIS_PORT:-6390}"
+RUN_DIR="${RUN_DIR:-.run}"
+WORKERS="${WORKERS:-1}"
+PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
+export ENGRAM_AUTH="${ENGRAM_AUTH:-disabled}"
+
+say() { printf '[run-local] %s\n' "$*"; }
+die() { printf '[run-local] error: %s\n' "$*" >&2; exit 1; }
+
+[[ "$REPLICAS" =~ ^[1-9][0-9]*$ ]] || die "REPLICAS must be a positive number, got '$REPLICAS'"
+
+# --- what is missing gets installed -------------------------------------------------------------------
+find_bin() { command -v "$1" 2>/dev/null || { [[ -x "/usr/sbin/$1" ]] && echo "/usr/sbin/$1"; } || true; }
+missing=()
+[[ -n "$(find_bin redis-server)" ]] || missing+=(redis-server)
+[[ -n "$(find_bin haproxy)" ]] || missing+=(haproxy)
+if ((${#missing[@]})); then
+    say "installing ${missing[*]} with apt-get"
+    sudo=""
+    if [[ "$(id -u)" -ne 0 ]]; then
+        command -v sudo >/dev/null || die "need root or sudo to install ${missing[*]}"
+        sudo="sudo"
+    fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+REDIS_SERVER="$(find_bin redis-server)"
+HAPROXY="$(find_bin haproxy)"
+[[ -n "$REDIS_SERVER" && -n "$HAPROXY" ]] || die "redis-server or haproxy is still missing"
+
+if [[ ! -x "$PYTHON" ]]; then
+    command -v uv >/dev/null || die "no $PYTHON and no uv to create it: install uv, then run 'uv sync'"
+    say "creating the virtual environment with uv sync"
+    uv sync --quiet
+fi
+
+# --- ports must be free ---------------------------------------------------------------------------------
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+ports=("$PORT" "$REDIS_PORT")
+for ((i = 0; i < REPLICAS; i++)); do ports+=($((REPLICA_BASE_PORT + i))); done
+for port in "${ports[@]}"; do
+    port_busy "$port" && die "port $port is in use (another 'make run'?); choose others with PORT=, REPLICA_BASE_PORT=, REDIS_PORT="
+done
+
+mkdir -p "$RUN_DIR/redis" "$RUN_DIR/logs" "$RUN_DIR/metrics"
+RUN_DIR="$(cd "$RUN_DIR" && pwd)"
+
+# --- stop everything on Ctrl-C ------------------------------------------------------------------------
+pids=()
+names=()
+cleanup() {
+    trap - INT TERM EXIT
+    say "stopping ${#pids[@]} processes"
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    say "stopped; conversations are kept in $RUN_DIR/redis"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start() {  # start NAME LOGFILE COMMAND...
+    local name="$1" log="$2"
+    shift 2
+    "$@" >>"$log" 2>&1 &
+    pids+=($!)
+    names+=("$name")
+}
+
+wait_until() {  # wait_until WHAT PID SECONDS COMMAND...: until COMMAND succeeds, or PID exits
+    local what="$1" pid="$2" seconds="$3" deadline=$((SECONDS + $3))
+    shift 3
+    until "$@" 2>/dev/null; do
+        kill -0 "$pid" 2>/dev/null || die "$what exited; see $RUN_DIR/logs/"
+        ((SECONDS < deadline)) || die "$what did not come up within ${seconds}s (logs in $RUN_DIR/logs)"
+        sleep 0.1
+    done
+}
+
+redis_ping() ( exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT" && printf 'PING\r\n' >&3 && read -r -t 1 reply <&3 && [[ "$reply" == +PONG* ]] )
+http_ok() (  # http_ok PORT PATH: a 200 from a plain HTTP/1.0 GET
+    exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n' "$2" >&3 \
+        && read -r -t 2 status <&3 && [[ "$status" == *" 200 "* ]]
+)
+
+# --- redis ------------------------------------------------------------------------------------------------
+start redis "$RUN_DIR/logs/redis.log" "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 \
+    --dir "$RUN_DIR/redis" --appendonly yes --appendfsync everysec --save "" --protected-mode yes
+wait_until "redis-server" "${pids[-1]}" 10 redis_ping
+
+# --- replicas ---------------------------------------------------------------------------------------------
+servers=""
+replica_pids=()
+for ((i = 1; i <= REPLICAS; i++)); do
+    port=$((REPLICA_BASE_PORT + i - 1))
+    metrics_dir="$RUN_DIR/metrics/replica-$i"
+    mkdir -p "$metrics_dir"
+    start "replica-$i" "$RUN_DIR/logs/replica-$i.log" env \
+        ENGRAM_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" PROMETHEUS_MULTIPROC_DIR="$metrics_dir" \
+        "$PYTHON" -m engram.service serve --host 127.0.0.1 --port "$port" --workers "$WORKERS"
+    replica_pids+=("${pids[-1]}")
+    servers+="    server replica-$i 127.0.0.1:$port check"$'\n'
+done
+for ((i = 1; i <= REPLICAS; i++)); do
+    wait_until "replica $i" "${replica_pids[i - 1]}" 90 http_ok $((REPLICA_BASE_PORT + i - 1)) /readyz
+done
+
+# --- load balancer ----------------------------------------------------------------------------------------
+template="$REPO/deploy/local/haproxy.cfg.template"
+config="$RUN_DIR/haproxy.cfg"
+awk -v bind="$BIND" -v port="$PORT" -v servers="$servers" '
+    /\{\{SERVERS\}\}/ { printf "%s", servers; next }
+    { gsub(/\{\{BIND\}\}/, bind); gsub(/\{\{PORT\}\}/, port); print }
+' "$template" >"$config"
+"$HAPROXY" -c -q -f "$config" || die "rendered $config is invalid"
+start haproxy "$RUN_DIR/logs/haproxy.log" "$HAPROXY" -db -f "$config"
+wait_until "haproxy" "${pids[-1]}" 10 http_ok "$PORT" /healthz
+
+host="$BIND"
+[[ "$host" == "0.0.0.0" ]] && host="127.0.0.1"
+echo
+say "Engram is running: $REPLICAS replicas behind HAProxy (round-robin per request, no affinity)"
+say "  chat page   http://$host:$PORT/"
+say "  API         http://$host:$PORT/v1/chat   (OpenAPI: http://$host:$PORT/docs)"
+for ((i = 1; i <= REPLICAS; i++)); do
+    say "  metrics     replica $i: http://127.0.0.1:$((REPLICA_BASE_PORT + i - 1))/metrics"
+done
+say "  redis       redis://127.0.0.1:$REDIS_PORT/0   (AOF on, data in $RUN_DIR/redis)"
+say "  logs        $RUN_DIR/logs/"
+say "  load test   $PYTHON -m engram.service loadgen --url http://$host:$PORT --sessions 20 --turns 10 --concurrency 5"
+say "ready. Press Ctrl-C to stop everything."
+
+# --- watch until Ctrl-C -----------------------------------------------------------------------------------
+declare -A reported=()
+while true; do
+    sleep 1 &
+    wait $! || true
+    for index in "${!pids[@]}"; do
+        if [[ -z "${reported[$index]:-}" ]] && ! kill -0 "${pids[$index]}" 2>/dev/null; then
+            reported[$index]=1
+            say "${names[$index]} exited; see $RUN_DIR/logs/${names[$index]}.log"
+        fi
+    done
+done

@@ -1,0 +1,270 @@
+"""One chat turn: a LlamaIndex chat engine over :class:`~engram.llama_index.EngramMemory`.
+
+Nothing about a conversation stays in the process between requests: every turn rebuilds its memory
+from Redis (two round trips: load the window, commit the pair), so any replica can serve any turn.
+
+    validate  ->  load window (1)  ->  replay?  -> answer the stored reply, model not called
+                                   ->  model    -> commit user+reply with turn_id (2)
+                                                   duplicate? -> answer the reply stored first
+
+A model failure commits nothing (502); Redis trouble commits nothing (503).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_index.core.chat_engine import SimpleChatEngine
+from llama_index.core.llms import LLM
+
+from engram.errors import EngramError, InvalidInput, InvalidMessage, MessageTooLarge, StoreUnavailable
+from engram.history.store import HistoryStore, validate_turn_id
+from engram.keys import validate_session_id
+from engram.llama_index import EngramMemory
+from engram.models import CacheOutcome, CommittedTurn, Tenant, Window, stream_id_key
+from engram.service import metrics
+from engram.service.errors import ModelFailed, describe
+from engram.service.schemas import ChatReply, ChatRequest, HistoryInfo
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What a turn needs besides the request: shared per process, except the tenant."""
+
+    store: HistoryStore
+    llm: LLM
+    tenant: Tenant
+    served_by: str
+    max_message_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    session_id: str
+    turn_id: str
+    reply: str
+    served_by: str
+    cache: CacheOutcome
+    messages: int
+
+    def body(self) -> ChatReply:
+        return ChatReply(
+            session_id=self.session_id,
+            turn_id=self.turn_id,
+            reply=self.reply,
+            served_by=self.served_by,
+            history=HistoryInfo(cache=self.cache, messages=self.messages),
+        )
+
+
+def validate_request(ctx: TurnContext, request: ChatRequest) -> str:
+    """Check everything that can be checked without Redis; return the turn id (generated if absent).
+
+    A message must fit both the byte limit and the tenant's token limit (the model is given the
+    message plus as much history as fits that limit: a message over it leaves no room even for itself).
+    """
+    max_message_bytes = ctx.max_message_bytes
+    validate_session_id(request.session_id)
+    turn_id = validate_turn_id(request.turn_id) if request.turn_id is not None else uuid.uuid4().hex
+    if not request.message.strip():
+        raise InvalidMessage("message is empty")
+    try:
+        size = len(request.message.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidMessage("message is not valid Unicode (lone surrogate)") from None
+    if size > max_message_bytes:
+        raise MessageTooLarge(f"message of {size} bytes is over the limit of {max_message_bytes} bytes")
+    token_limit = ctx.tenant.policy.token_limit
+    if size > token_limit:  # a token is at least one byte: only then can it be over
+        tokens = ctx.store.count_tokens(request.message)
+        if tokens > token_limit:
+            raise MessageTooLarge(f"message of {tokens} tokens is over the token limit of {token_limit}")
+    return turn_id
+
+
+@dataclass
+class _TurnOutcome:
+    outcome: str = "ok"
+    started: float = field(default_factory=time.perf_counter)
+
+
+@contextmanager
+def _turn_metrics(*, failures_only: bool = False) -> Iterator[_TurnOutcome]:
+    """Record the turn's outcome and duration when the block ends (with ``failures_only``, only when
+    it fails: a stream that started records its outcome when it ends)."""
+    turn = _TurnOutcome()
+    try:
+        yield turn
+    except Exception as error:
+        metrics.observe_turn(_failure_outcome(error), time.perf_counter() - turn.started)
+        raise
+    if not failures_only:
+        metrics.observe_turn(turn.outcome, time.perf_counter() - turn.started)
+
+
+def _failure_outcome(error: Exception) -> str:
+    if isinstance(error, StoreUnavailable):
+        return "store_unavailable"
+    if isinstance(error, InvalidInput):
+        return "rejected"
+    return "model_error"
+
+
+def _model_failure(error: Exception, clock: metrics.ModelClock) -> Exception:
+    """What to raise for an exception out of the chat engine: store errors pass through, the rest
+    came from the model (a reply too large to store counts as the model's failure, too)."""
+    if isinstance(error, MessageTooLarge):
+        clock.finish("ok")
+        return ModelFailed(f"the model's reply cannot be stored: {error}")
+    if isinstance(error, EngramError):
+        clock.finish("ok")
+        return error
+    clock.finish("error")
+    detail = str(error).strip()[:300]
+    return ModelFailed(f"the model failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
+
+
+async def _begin(ctx: TurnContext, request: ChatRequest, turn_id: str) -> tuple[EngramMemory, Window]:
+    """Round trip 1: the memory of this turn with its window loaded."""
+    memory = EngramMemory(
+        store=ctx.store,
+        tenant=ctx.tenant.name,
+        session_id=request.session_id,
+        policy=ctx.tenant.policy,
+        turn_id=turn_id,
+    )
+    started = time.perf_counter()
+    with metrics.redis_operation("load"):
+        window = await memory.aload()
+    metrics.observe_load(window, time.perf_counter() - started)
+    return memory, window
+
+
+def _result(ctx: TurnContext, request: ChatRequest, turn_id: str, window: Window, reply: str) -> TurnResult:
+    messages = len(window.messages)
+    if window.replay is not None and window.replay.messages:
+        # a retry: count what preceded the stored turn, as the first answer did (the window now holds it too)
+        first = stream_id_key(window.replay.messages[0].id)
+        messages = sum(1 for m in window.messages if stream_id_key(m.id) < first)
+    return TurnResult(
+        session_id=request.session_id,
+        turn_id=turn_id,
+        reply=reply,
+        served_by=ctx.served_by,
+        cache=window.outcome,
+        messages=messages,
+    )
+
+
+def _committed(memory: EngramMemory) -> CommittedTurn:
+    committed = memory.committed
+    if committed is None:  # the engine returned without putting the reply: treat as a model failure
+        raise ModelFailed("the model returned no message")
+    return committed
+
+
+async def chat_turn(ctx: TurnContext, request: ChatRequest) -> TurnResult:
+    """Answer one message (non-streaming)."""
+    with _turn_metrics() as turn:
+        turn_id = validate_request(ctx, request)
+        memory, window = await _begin(ctx, request, turn_id)
+        if window.replay is not None:
+            turn.outcome = "replayed"
+            return _result(ctx, request, turn_id, window, window.replay.reply)
+        engine = SimpleChatEngine.from_defaults(llm=ctx.llm, memory=memory)
+        clock = metrics.start_model_clock()
+        try:
+            with metrics.redis_operation("commit"):
+                await engine.achat(request.message)
+        except Exception as error:
+            raise _model_failure(error, clock) from error
+        committed = _committed(memory)
+        turn.outcome = "duplicate" if committed.duplicate else "ok"
+        return _result(ctx, request, turn_id, window, committed.reply)
+
+
+# --- streaming ----------------------------------------------------------------------------------------
+Event = tuple[str, dict[str, Any]]
+
+
+class StreamingTurn:
+    """A turn whose model has produced its first token: the rest is read by :meth:`events`."""
+
+    def __init__(
+        self,
+        ctx: TurnContext,
+        request: ChatRequest,
+        turn_id: str,
+        memory: EngramMemory,
+        window: Window,
+        tokens: AsyncIterator[str] | None,
+        first: str,
+        clock: metrics.ModelClock,
+        started: float,
+    ) -> None:
+        self.ctx, self.request, self.turn_id = ctx, request, turn_id
+        self.memory, self.window, self.tokens, self.first = memory, window, tokens, first
+        self.clock, self.started = clock, started
+
+    async def events(self) -> AsyncIterator[Event]:
+        """``("token", {"text"})`` events, then ``("done", reply fields)`` or ``("error", error body)``."""
+        outcome = "abandoned"  # unless it reaches done or error: the client went away
+        try:
+            if self.first:
+                yield "token", {"text": self.first}
+            if self.tokens is not None:
+                try:
+                    with metrics.redis_operation("commit"):
+                        async for text in self.tokens:
+                            if text:
+                                yield "token", {"text": text}
+                except Exception as error:
+                    raise _model_failure(error, self.clock) from error
+                committed = _committed(self.memory)
+                outcome = "duplicate" if committed.duplicate else "ok"
+                reply = committed.reply
+            else:
+                outcome, reply = "replayed", self.first
+            result = _result(self.ctx, self.request, self.turn_id, self.window, reply)
+            yield "done", result.body().model_dump()
+        except EngramError as error:
+            outcome = _failure_outcome(error)
+            _, code, message = describe(error)
+            yield "error", {"error": {"code": code, "message": message}}
+        finally:
+            metrics.observe_turn(outcome, time.perf_counter() - self.started)
+
+
+async def _first_text(tokens: AsyncIterator[str]) -> str:
+    """The first non-empty piece (LlamaIndex may hand out an empty one before an error surfaces)."""
+    async for text in tokens:
+        if text:
+            return text
+    return ""
+
+
+async def open_stream(ctx: TurnContext, request: ChatRequest) -> StreamingTurn:
+    """Start a streamed turn and wait for the model's first token, so that a failure before any
+    output is still an ordinary error response (502/503) rather than an error event."""
+    with _turn_metrics(failures_only=True) as turn:
+        turn_id = validate_request(ctx, request)
+        memory, window = await _begin(ctx, request, turn_id)
+        if window.replay is not None:
+            return StreamingTurn(
+                ctx, request, turn_id, memory, window, None, window.replay.reply, metrics.ModelClock(), turn.started
+            )
+        engine = SimpleChatEngine.from_defaults(llm=ctx.llm, memory=memory)
+        clock = metrics.start_model_clock()
+        try:
+            with metrics.redis_operation("commit"):
+                response = await engine.astream_chat(request.message)
+                tokens = response.async_response_gen()
+                first = await _first_text(tokens)
+        except Exception as error:
+            raise _model_failure(error, clock) from error
+    return StreamingTurn(ctx, request, turn_id, memory, window, tokens, first, clock, turn.started)

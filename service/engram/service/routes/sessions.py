@@ -1,0 +1,48 @@
+"""The tenant's sessions and their messages."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from engram.errors import NotFound
+from engram.keys import validate_session_id
+from engram.service import metrics
+from engram.service.deps import StoreDep, TenantDep
+from engram.service.schemas import ERROR_RESPONSES, ErrorBody, MessageList, MessageOut, SessionList, SessionOut
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES)
+
+Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
+Cursor = Annotated[str | None, Query(max_length=512, description="`next` of the previous page")]
+
+
+@router.get("", response_model=SessionList)
+async def list_sessions(store: StoreDep, tenant: TenantDep, limit: Limit = 100, cursor: Cursor = None) -> SessionList:
+    """The tenant's sessions, in session id order."""
+    with metrics.redis_operation("sessions"):
+        page = await store.list_sessions(tenant.name, limit=limit, cursor=cursor)
+    return SessionList(sessions=[SessionOut.of(s) for s in page.sessions], next=page.next_cursor)
+
+
+@router.get("/{session_id}/messages", response_model=MessageList)
+async def list_messages(
+    session_id: str, store: StoreDep, tenant: TenantDep, limit: Limit = 100, cursor: Cursor = None
+) -> MessageList:
+    """A session's messages, oldest first (an unknown session has none)."""
+    with metrics.redis_operation("messages"):
+        page = await store.messages(tenant.name, validate_session_id(session_id), limit=limit, cursor=cursor)
+    return MessageList(messages=[MessageOut.of(m) for m in page.messages], next=page.next_cursor)
+
+
+@router.delete(
+    "/{session_id}", status_code=204, responses={404: {"model": ErrorBody, "description": "no such session"}}
+)
+async def delete_session(session_id: str, store: StoreDep, tenant: TenantDep) -> Response:
+    """Delete the session and all its messages."""
+    with metrics.redis_operation("delete"):
+        deleted = await store.delete_session(tenant.name, validate_session_id(session_id))
+    if not deleted:
+        raise NotFound(f"no session {session_id!r}")
+    return Response(status_code=204)

@@ -1,0 +1,140 @@
+// Engram chat page: the session id lives in localStorage, so a reload (or a restart of every replica)
+// continues the same conversation. Each reply shows which replica served it and how it loaded history.
+"use strict";
+
+const SESSION_KEY = "engram.session_id";
+const API_KEY = "engram.api_key";
+const $ = (id) => document.getElementById(id);
+
+function newId(prefix) {
+  const bytes = crypto.getRandomValues(new Uint8Array(12));
+  return prefix + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function sessionId() {
+  let id = localStorage.getItem(SESSION_KEY);
+  if (!id) {
+    id = newId("web-");
+    localStorage.setItem(SESSION_KEY, id);
+  }
+  return id;
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = localStorage.getItem(API_KEY);
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+
+function addMessage(role, text, meta) {
+  const item = document.createElement("li");
+  item.className = "msg " + role;
+  item.textContent = text;
+  if (meta) {
+    const line = document.createElement("span");
+    line.className = "meta";
+    line.dataset.servedBy = meta.served_by;
+    line.dataset.cache = meta.cache;
+    line.dataset.messages = String(meta.messages);
+    line.append("served by " + meta.served_by + " · history ");
+    const badge = document.createElement("span");
+    badge.className = "badge " + meta.cache;
+    badge.textContent = meta.cache;
+    line.append(badge, " · " + meta.messages + " earlier messages");
+    item.append(line);
+  }
+  $("messages").append(item);
+  item.scrollIntoView({ block: "end" });
+  return item;
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    return body.error.code + ": " + body.error.message;
+  } catch {
+    return "HTTP " + response.status;
+  }
+}
+
+async function loadHistory() {
+  $("messages").replaceChildren();
+  let cursor = null;
+  do {
+    const query = "?limit=200" + (cursor ? "&cursor=" + encodeURIComponent(cursor) : "");
+    const response = await fetch("/v1/sessions/" + encodeURIComponent(sessionId()) + "/messages" + query, {
+      headers: headers(),
+    });
+    if (!response.ok) {
+      $("status").textContent = "could not load history: " + (await errorText(response));
+      if (response.status === 401) $("key-box").open = true;
+      return;
+    }
+    const page = await response.json();
+    for (const m of page.messages) addMessage(m.role === "user" ? "user" : "assistant", m.content);
+    cursor = page.next;
+  } while (cursor);
+  $("status").textContent = $("messages").children.length ? "conversation restored from Redis" : "";
+}
+
+async function send(text) {
+  const body = { session_id: sessionId(), message: text, turn_id: newId("t-") };
+  // A retry of the same turn_id is safe: the service answers it once and stores it once.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const response = await fetch("/v1/chat", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+      if (response.ok) return { ok: true, data: await response.json() };
+      if (response.status !== 503 || attempt >= 3) return { ok: false, text: await errorText(response), status: response.status };
+    } catch (error) {
+      if (attempt >= 3) return { ok: false, text: String(error) };
+    }
+    await new Promise((resolve) => setTimeout(resolve, 500 * attempt));
+  }
+}
+
+$("composer").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const text = $("message").value.trim();
+  if (!text) return;
+  $("message").value = "";
+  $("send").disabled = true;
+  $("status").textContent = "…";
+  addMessage("user", text);
+  const result = await send(text);
+  if (result.ok) {
+    const d = result.data;
+    addMessage("assistant", d.reply, { served_by: d.served_by, cache: d.history.cache, messages: d.history.messages });
+    $("status").textContent = "";
+  } else {
+    addMessage("error", result.text);
+    $("status").textContent = "";
+    if (result.status === 401) $("key-box").open = true;
+  }
+  $("send").disabled = false;
+  $("message").focus();
+});
+
+$("message").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+
+$("new-session").addEventListener("click", () => {
+  localStorage.setItem(SESSION_KEY, newId("web-"));
+  $("session-id").textContent = sessionId();
+  loadHistory();
+});
+
+$("api-key").value = localStorage.getItem(API_KEY) || "";
+$("api-key").addEventListener("change", () => {
+  const key = $("api-key").value.trim();
+  if (key) localStorage.setItem(API_KEY, key);
+  else localStorage.removeItem(API_KEY);
+  loadHistory();
+});
+
+$("session-id").textContent = sessionId();
+loadHistory();

@@ -1,0 +1,133 @@
+"""``make run``'s script: redis-server, two replicas and HAProxy round-robin, driven through the load
+balancer by headless Chromium; Ctrl-C stops everything, and a second run finds the first's conversation."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.browser import Chromium, Page, find_chromium
+from tests.service.support import REPO
+from tests.service.test_web_page import ARTIFACTS, replies, send
+
+SCRIPT = REPO / "scripts" / "run-local.sh"
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def quiet_ports(count: int) -> list[int]:
+    """``count`` consecutive free ports below the kernel's ephemeral range (32768+), where other tests'
+    port-0 servers and outgoing connections do not land between our check and the script's bind."""
+    while True:
+        first = random.randrange(20_000, 30_000)
+        ports = list(range(first, first + count))
+        if all(port_is_free(p) for p in ports):
+            return ports
+
+
+@contextmanager
+def local_stack(env: dict[str, str], output: Path) -> Iterator[subprocess.Popen[str]]:
+    with output.open("a") as log:
+        process = subprocess.Popen(
+            ["bash", str(SCRIPT)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert process.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
+        try:
+            for line in process.stdout:
+                log.write(line)
+                lines.append(line)
+                if "ready. Press Ctrl-C" in line:
+                    log.flush()
+                    break
+                if time.monotonic() > deadline:
+                    break
+            else:
+                raise AssertionError("run-local.sh exited early:\n" + "".join(lines))
+            yield process
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+                try:
+                    rest, _ = process.communicate(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    rest, _ = process.communicate()
+                log.write(rest)
+                log.flush()
+
+
+@pytest.fixture
+def browser_page(tmp_path: Path) -> Iterator[Page]:
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed and could not be installed with apt-get (needs root)")
+    browser = Chromium(binary, tmp_path / "profile")
+    try:
+        with browser.page() as tab:
+            yield tab
+    finally:
+        browser.close()
+
+
+def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_runs(
+    tmp_path: Path, browser_page: Page
+) -> None:
+    lb, redis_port, base, _ = quiet_ports(4)  # the last two: replicas base and base + 1
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENGRAM_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(
+        REPLICAS="2",
+        PORT=str(lb),
+        REPLICA_BASE_PORT=str(base),
+        REDIS_PORT=str(redis_port),
+        RUN_DIR=str(tmp_path / "run"),
+    )
+    url = f"http://127.0.0.1:{lb}"
+    output = tmp_path / "run-local.out"
+
+    with local_stack(env, output) as stack:
+        printed = output.read_text()
+        assert f"chat page   {url}/" in printed
+        assert f"http://127.0.0.1:{base}/metrics" in printed and f"http://127.0.0.1:{base + 1}/metrics" in printed
+
+        browser_page.navigate(url + "/")
+        browser_page.wait_for("document.getElementById('session-id').textContent.startsWith('web-')")
+        send(browser_page, "my cat is called Miso", 0)
+        send(browser_page, "what is my cat called?", 1)
+        first, second = replies(browser_page)
+        assert first["served_by"] != second["served_by"], "HAProxy must send consecutive turns to other replicas"
+        assert '"my cat is called Miso"' in second["text"]
+        assert (first["cache"], second["cache"]) == ("miss", "miss")  # each replica's first sight of it
+        browser_page.screenshot(ARTIFACTS / "make-run-page.png")
+
+        for port in (base, base + 1):  # each replica's own metrics, one turn each
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            assert 'engram_turns_total{outcome="ok"} 1.0' in text
+        assert stack.poll() is None
+
+    assert stack.returncode == 130
+    assert "stopped; conversations are kept in" in output.read_text()
+    for port in (lb, base, base + 1, redis_port):
+        assert port_is_free(port), f"port {port} still open after Ctrl-C"
+
+    with local_stack({**env, "REPLICAS": "1"}, output):
+        browser_page.navigate(url + "/")  # same browser profile: same session id, history from Redis's AOF
+        browser_page.wait_for("document.querySelectorAll('#messages .msg').length === 4")
+        send(browser_page, "and what did I ask you?", 2)
+        third = replies(browser_page)[-1]
+        assert '"what is my cat called?"' in third["text"]
+        assert third["messages"] == "4"
