@@ -31,7 +31,7 @@ install: ## Install uv (if missing), Python deps from uv.lock into .venv, and re
 .PHONY: test
 test: install helm ## Run lint and the whole test suite (real redis-server, uvicorn, haproxy, chromium, helm; no cluster)
 	$(MAKE) --no-print-directory lint-ruff
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 .PHONY: lint
 lint: install lint-ruff ## ruff (lint + format check) and mypy --strict

@@ -14,9 +14,7 @@ from engram.tenancy.cli import add_parser as add_tenant_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="engram", description="Engram: LlamaIndex chat memory that survives scaling."
-    )
+    parser = argparse.ArgumentParser(prog="engram", description="Engram: LlamaIndex chat memory that survives scaling.")
     parser.add_argument("--version", action="version", version=f"engram {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_service_commands(subparsers)

@@ -23,10 +23,8 @@ import pytest
 import redis
 import yaml
 from redis.backoff import NoBackoff
-from redis.exceptions import NoPermissionError
 from redis.retry import Retry
 
-from engram.errors import StoreUnavailable
 from tests.deploy.conftest import CHART, RELEASE, helm, render
 from tests.support.redis_server import RedisServer, free_port
 

@@ -128,9 +128,7 @@ class TailCache:
             return
         self._tails[key] = tail
 
-    def extend(
-        self, key: str, epoch: str, previous_id: str, committed: Sequence[StoredMessage], budget: int
-    ) -> None:
+    def extend(self, key: str, epoch: str, previous_id: str, committed: Sequence[StoredMessage], budget: int) -> None:
         """After a commit: if the cached tail ended exactly where the commit began (or the commit
         opened the session), append the committed messages, so the tail still equals what Redis
         holds and the next load is a hit."""

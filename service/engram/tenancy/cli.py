@@ -1,0 +1,224 @@
+"""``engram tenant``: manage tenants in Redis without Kubernetes, with the operator's own reconcile code.
+
+    engram tenant create NAME [--token-limit N] [--ttl SECONDS] [--max-messages N]   prints the API key
+    engram tenant delete NAME [--purge]
+    engram tenant list
+    engram tenant rotate-key NAME                                                    prints the new key
+
+Only the requested value goes to stdout (so ``KEY=$(engram tenant create demo)`` works); everything
+else goes to stderr. Exit codes: 0 done, 1 refused (exists, not found, managed by the operator),
+3 Redis unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from engram.errors import EngramError, StoreUnavailable
+from engram.keys import KeySpace
+from engram.models import Policy
+from engram.settings import Settings, get_settings
+from engram.tenancy.apikeys import generate_api_key, hash_secret
+from engram.tenancy.nodes import RedisNodes
+from engram.tenancy.reconcile import (
+    Credentials,
+    TenantSpec,
+    count_sessions,
+    current_record,
+    desired_record,
+    ensure_tenant,
+    list_tenants,
+    record_for,
+    remove_tenant,
+)
+from engram.tenancy.records import CLI_OWNER, RETENTIONS
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_UNAVAILABLE = 3
+
+Command = Callable[[argparse.Namespace, RedisNodes, KeySpace, Settings], Awaitable[int]]
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return number
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``tenant`` and its sub-commands on an ``argparse`` sub-parsers object."""
+    tenant = subparsers.add_parser(
+        "tenant", help="create, delete, list tenants and rotate their API keys (Redis only, no Kubernetes)"
+    )
+    commands = tenant.add_subparsers(dest="tenant_command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, run: Command) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(name, help=help, description=help)
+        parser.add_argument("--redis-url", help="primary Redis URL (default: ENGRAM_REDIS_URL)")
+        parser.set_defaults(func=lambda args: _run(run, args))
+        return parser
+
+    create = command("create", "create a tenant and print its API key (only the key, on stdout)", _create)
+    create.add_argument("name", help="tenant name: a DNS label ([a-z0-9-], at most 63)")
+    create.add_argument("--token-limit", type=_positive_int, help="default: ENGRAM_TOKEN_LIMIT")
+    create.add_argument(
+        "--ttl",
+        type=_positive_int,
+        help="idle seconds before a session expires, 0 = never (default: ENGRAM_SESSION_TTL_SECONDS)",
+    )
+    create.add_argument("--max-messages", type=_positive_int, help="default: ENGRAM_MAX_MESSAGES_PER_SESSION")
+    create.add_argument(
+        "--retention",
+        choices=RETENTIONS,
+        default="Retain",
+        help="recorded for reference; `delete --purge` decides what is deleted",
+    )
+    create.add_argument(
+        "--redis-password-file",
+        type=Path,
+        help="write the tenant's Redis ACL password to this file (mode 0600); it is shown nowhere else",
+    )
+
+    delete = command("delete", "revoke a tenant: its API key and Redis user stop working", _delete)
+    delete.add_argument("name")
+    delete.add_argument("--purge", action="store_true", help="also delete all of the tenant's sessions")
+    delete.add_argument("--force", action="store_true", help="even if a MemoryNamespace manages the tenant")
+
+    command("list", "list tenants: name, policy, owner, sessions", _list)
+
+    rotate = command("rotate-key", "give a tenant a new API key (the old one stops working); print it", _rotate)
+    rotate.add_argument("name")
+
+
+def _run(command: Command, args: argparse.Namespace) -> int:
+    try:
+        settings = get_settings()
+    except ValueError as error:
+        _say(f"engram tenant: invalid settings: {error}")
+        return EXIT_REFUSED
+    return asyncio.run(_with_nodes(command, args, settings))
+
+
+async def _with_nodes(command: Command, args: argparse.Namespace, settings: Settings) -> int:
+    nodes = RedisNodes.from_settings(settings, redis_url=args.redis_url)
+    try:
+        return await command(args, nodes, KeySpace(settings.namespace), settings)
+    except StoreUnavailable as error:
+        _say(f"engram tenant: {error}")
+        return EXIT_UNAVAILABLE
+    except EngramError as error:
+        _say(f"engram tenant: {error}")
+        return EXIT_REFUSED
+    finally:
+        await nodes.aclose()
+
+
+async def _create(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, settings: Settings) -> int:
+    policy = Policy(
+        token_limit=settings.token_limit if args.token_limit is None else args.token_limit,
+        session_ttl_seconds=settings.session_ttl_seconds if args.ttl is None else args.ttl,
+        max_messages_per_session=(
+            settings.max_messages_per_session if args.max_messages is None else args.max_messages
+        ),
+    )
+    spec = TenantSpec(args.name, policy, args.retention)
+    existing = await current_record(nodes, keys, spec.tenant)
+    if existing is not None:
+        _say(f"tenant {spec.tenant} exists (managed by {existing.owner}); use `engram tenant rotate-key`")
+        return EXIT_REFUSED
+    credentials = Credentials.generate(spec.tenant)
+    record = record_for(keys, spec, credentials, CLI_OWNER)
+    if args.redis_password_file:
+        _write_private(args.redis_password_file, credentials.redis_password)
+    await ensure_tenant(nodes, keys, record)
+    _say(f"created tenant {spec.tenant}: Redis user {record.redis_username}, keys {keys.tenant_prefix(spec.tenant)}*")
+    print(credentials.api_key)
+    return EXIT_OK
+
+
+async def _delete(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, settings: Settings) -> int:
+    existing = await current_record(nodes, keys, args.name)
+    if existing is None and not args.purge:
+        _say(f"tenant {args.name} does not exist")
+        return EXIT_REFUSED
+    if existing is not None and existing.owner != CLI_OWNER and not args.force:
+        _say(f"tenant {args.name} is managed by {existing.owner}: delete that resource, or pass --force")
+        return EXIT_REFUSED
+    removal = await remove_tenant(
+        nodes, keys, args.name, owner=None, purge=args.purge, batch=settings.operator_purge_batch
+    )
+    purged = f", purged {removal.sessions_purged} sessions" if removal.sessions_purged is not None else ""
+    _say(f"deleted tenant {args.name}{purged}")
+    return EXIT_OK
+
+
+async def _list(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, settings: Settings) -> int:
+    rows = [("TENANT", "TOKEN_LIMIT", "TTL_SECONDS", "MAX_MESSAGES", "RETENTION", "OWNER", "SESSIONS")]
+    for record in await list_tenants(nodes.primary, keys):
+        policy = record.policy
+        sessions = await count_sessions(nodes.primary, keys, record.tenant)
+        rows.append(
+            (
+                record.tenant,
+                str(policy.token_limit),
+                str(policy.session_ttl_seconds),
+                str(policy.max_messages_per_session),
+                record.retention,
+                record.owner,
+                str(sessions),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+async def _rotate(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, settings: Settings) -> int:
+    existing = await current_record(nodes, keys, args.name)
+    if existing is None:
+        _say(f"tenant {args.name} does not exist")
+        return EXIT_REFUSED
+    if existing.owner != CLI_OWNER:
+        # The operator treats its Secret as the truth and would undo a rotation made here.
+        _say(f"tenant {args.name} is managed by {existing.owner}: delete its Secret to rotate the key")
+        return EXIT_REFUSED
+    api_key = generate_api_key(existing.tenant)
+    spec = TenantSpec(existing.tenant, existing.policy, existing.retention)
+    record = desired_record(
+        keys, spec, api_key_sha256=hash_secret(api_key), password_sha256=existing.password_sha256, owner=CLI_OWNER
+    )
+    await ensure_tenant(nodes, keys, record)
+    _say(f"rotated the API key of tenant {existing.tenant}; the old key stops working within seconds")
+    print(api_key)
+    return EXIT_OK
+
+
+def _write_private(path: Path, secret: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(secret + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engram.tenancy.cli tenant ...``: the same commands without the ``engram`` entry point."""
+    parser = argparse.ArgumentParser(prog="engram")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`engram tenant ...` against a real redis-server (run through the parser, as the console script does)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from engram.keys import KeySpace
+from engram.settings import get_settings
+from engram.tenancy.apikeys import hash_secret, parse_api_key
+from engram.tenancy.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, main
+
+KEYS = KeySpace()
+
+
+@pytest.fixture(autouse=True)
+def settings_env(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("ENGRAM_REDIS_URL", redis_url)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def admin(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["tenant", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_create_prints_only_the_api_key_on_stdout(capsys: pytest.CaptureFixture[str], admin: redis.Redis) -> None:
+    code, out, err = run(capsys, "create", "acme", "--token-limit", "700", "--ttl", "60", "--max-messages", "40")
+    assert code == EXIT_OK
+    key = out.removesuffix("\n")
+    assert out == key + "\n" and "\n" not in key
+    parsed = parse_api_key(key)
+    assert parsed is not None and parsed.tenant == "acme"
+    assert "created tenant acme" in err and key not in err
+    record = admin.hgetall(KEYS.tenant_record("acme"))
+    assert record["api_key_sha256"] == hash_secret(key)
+    assert (record["token_limit"], record["session_ttl_seconds"], record["max_messages_per_session"]) == (
+        "700",
+        "60",
+        "40",
+    )
+    assert record["owner"] == "cli"
+    assert admin.execute_command("ACL", "GETUSER", "engram.acme")
+
+
+def test_create_takes_policy_defaults_from_settings(
+    capsys: pytest.CaptureFixture[str], admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENGRAM_TOKEN_LIMIT", "1234")
+    get_settings.cache_clear()
+    assert run(capsys, "create", "acme")[0] == EXIT_OK
+    assert admin.hget(KEYS.tenant_record("acme"), "token_limit") == "1234"
+
+
+def test_creating_an_existing_tenant_is_refused_and_prints_no_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "create", "acme")[0] == EXIT_OK
+    code, out, err = run(capsys, "create", "acme")
+    assert (code, out) == (EXIT_REFUSED, "")
+    assert "exists" in err
+
+
+def test_an_invalid_tenant_name_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "create", "Not_A_Label")
+    assert (code, out) == (EXIT_REFUSED, "")
+    assert "invalid tenant" in err
+
+
+def test_the_redis_password_goes_to_a_private_file_and_logs_in(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, redis_url: str
+) -> None:
+    path = tmp_path / "acme.password"
+    assert run(capsys, "create", "acme", "--redis-password-file", str(path))[0] == EXIT_OK
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with redis.Redis.from_url(redis_url, username="engram.acme", password=path.read_text().strip()) as tenant:
+        assert tenant.ping()
+
+
+def test_list_shows_tenants_with_their_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "create", "beta", "--ttl", "0")
+    run(capsys, "create", "acme")
+    code, out, _ = run(capsys, "list")
+    lines = out.splitlines()
+    assert code == EXIT_OK
+    assert lines[0].split() == [
+        "TENANT",
+        "TOKEN_LIMIT",
+        "TTL_SECONDS",
+        "MAX_MESSAGES",
+        "RETENTION",
+        "OWNER",
+        "SESSIONS",
+    ]
+    assert [line.split()[0] for line in lines[1:]] == ["acme", "beta"]
+    assert lines[2].split()[2] == "0"
+
+
+def test_rotate_key_replaces_the_key_and_keeps_the_redis_password(
+    capsys: pytest.CaptureFixture[str], admin: redis.Redis
+) -> None:
+    old = run(capsys, "create", "acme")[1].strip()
+    password_hash = admin.hget(KEYS.tenant_record("acme"), "password_sha256")
+    code, out, _ = run(capsys, "rotate-key", "acme")
+    new = out.strip()
+    assert code == EXIT_OK and new != old and parse_api_key(new) is not None
+    assert admin.hget(KEYS.tenant_record("acme"), "api_key_sha256") == hash_secret(new)
+    assert admin.hget(KEYS.tenant_record("acme"), "password_sha256") == password_hash
+    assert run(capsys, "rotate-key", "ghost")[0] == EXIT_REFUSED
+
+
+def test_operator_managed_tenants_are_not_rotated_or_deleted_from_the_cli(
+    capsys: pytest.CaptureFixture[str], admin: redis.Redis
+) -> None:
+    run(capsys, "create", "acme")
+    admin.hset(KEYS.tenant_record("acme"), "owner", "MemoryNamespace/team-a/acme")
+    code, out, err = run(capsys, "rotate-key", "acme")
+    assert (code, out) == (EXIT_REFUSED, "") and "delete its Secret" in err
+    assert run(capsys, "delete", "acme")[0] == EXIT_REFUSED
+    assert run(capsys, "delete", "acme", "--force")[0] == EXIT_OK
+
+
+def test_delete_with_purge_removes_the_tenant_and_its_sessions(
+    capsys: pytest.CaptureFixture[str], admin: redis.Redis
+) -> None:
+    run(capsys, "create", "acme")
+    for i in range(3):
+        admin.zadd(KEYS.session_index("acme"), {f"s{i}": i})
+        admin.xadd(KEYS.session("acme", f"s{i}").log, {"role": "user", "content": "hi"})
+    code, _, err = run(capsys, "delete", "acme", "--purge")
+    assert code == EXIT_OK and "purged 3 sessions" in err
+    assert admin.keys("engram:acme:*") == []
+    assert not admin.exists(KEYS.tenant_record("acme"))
+    assert admin.execute_command("ACL", "GETUSER", "engram.acme") is None
+    assert run(capsys, "delete", "acme")[0] == EXIT_REFUSED
+
+
+def test_delete_without_purge_keeps_the_sessions(capsys: pytest.CaptureFixture[str], admin: redis.Redis) -> None:
+    run(capsys, "create", "acme")
+    admin.zadd(KEYS.session_index("acme"), {"s1": 1})
+    assert run(capsys, "delete", "acme")[0] == EXIT_OK
+    assert admin.zcard(KEYS.session_index("acme")) == 1
+
+
+def test_unreachable_redis_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "list", "--redis-url", "redis://127.0.0.1:1/0")
+    assert (code, out) == (EXIT_UNAVAILABLE, "")
+    assert "Redis is unavailable" in err
