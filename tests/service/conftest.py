@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.service.browser import Chromium, Page, find_chromium
 from tests.service.support import ServiceProcess, service_env
 from tests.support.redis_server import RedisServer
 
@@ -44,3 +45,17 @@ def service(module_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory)
     process.start()
     yield process
     process.stop()
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Iterator[Page]:
+    """A tab of a real headless Chromium with its own profile."""
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("chromium is not installed and could not be installed with apt-get (needs root)")
+    browser = Chromium(binary, tmp_path / "profile")
+    try:
+        with browser.page() as tab:
+            yield tab
+    finally:
+        browser.close()

@@ -15,9 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.service.browser import Chromium, Page, find_chromium
+from tests.service.browser import Page
 from tests.service.support import REPO
 from tests.service.test_web_page import ARTIFACTS, replies, send
 
@@ -72,22 +71,7 @@ def local_stack(env: dict[str, str], output: Path) -> Iterator[subprocess.Popen[
                 log.flush()
 
 
-@pytest.fixture
-def browser_page(tmp_path: Path) -> Iterator[Page]:
-    binary = find_chromium()
-    if binary is None:
-        pytest.skip("chromium is not installed and could not be installed with apt-get (needs root)")
-    browser = Chromium(binary, tmp_path / "profile")
-    try:
-        with browser.page() as tab:
-            yield tab
-    finally:
-        browser.close()
-
-
-def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_runs(
-    tmp_path: Path, browser_page: Page
-) -> None:
+def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_runs(tmp_path: Path, page: Page) -> None:
     lb, redis_port, base, _ = quiet_ports(4)  # the last two: replicas base and base + 1
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENGRAM_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(
@@ -105,19 +89,19 @@ def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_ru
         assert f"chat page   {url}/" in printed
         assert f"http://127.0.0.1:{base}/metrics" in printed and f"http://127.0.0.1:{base + 1}/metrics" in printed
 
-        browser_page.navigate(url + "/")
-        browser_page.wait_for("document.getElementById('session-id').textContent.startsWith('web-')")
+        page.navigate(url + "/")
+        page.wait_for("document.getElementById('session-id').textContent.startsWith('web-')")
         said = ["my cat is called Miso", "what is my cat called?", "and my dog is Rex", "who is Rex?"]
         for n, message in enumerate(said):
-            send(browser_page, message, n)
-        answers = replies(browser_page)
+            send(page, message, n)
+        answers = replies(page)
         for n in range(1, len(said)):  # every turn recalls the previous one, whichever replica served it
             assert f'"{said[n - 1]}"' in answers[n]["text"], f"turn {n} forgot the previous turn"
         # Round-robin per request: the browser's own requests (page, script, favicon) shift the rotation,
         # but four POSTs cannot all land on one of two replicas.
         assert len({a["served_by"] for a in answers}) == 2, "HAProxy must spread turns over the replicas"
         assert answers[0]["cache"] == "miss"
-        browser_page.screenshot(ARTIFACTS / "make-run-page.png")
+        page.screenshot(ARTIFACTS / "make-run-page.png")
 
         turns_per_replica = []
         for port in (base, base + 1):  # each replica's own metrics count only its own turns
@@ -133,9 +117,9 @@ def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_ru
         assert port_is_free(port), f"port {port} still open after Ctrl-C"
 
     with local_stack({**env, "REPLICAS": "1"}, output):
-        browser_page.navigate(url + "/")  # same browser profile: same session id, history from Redis's AOF
-        browser_page.wait_for("document.querySelectorAll('#messages .msg').length === 8")
-        send(browser_page, "and what did I ask you?", len(said))
-        last = replies(browser_page)[-1]
+        page.navigate(url + "/")  # same browser profile: same session id, history from Redis's AOF
+        page.wait_for("document.querySelectorAll('#messages .msg').length === 8")
+        send(page, "and what did I ask you?", len(said))
+        last = replies(page)[-1]
         assert f'"{said[-1]}"' in last["text"]
         assert last["messages"] == str(2 * len(said))

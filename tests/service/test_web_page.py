@@ -5,28 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from tests.service.browser import Chromium, Page, find_chromium
+from tests.service.browser import Page
 from tests.service.support import REPO, ServiceProcess
 
 ARTIFACTS = REPO / "tests" / "artifacts"
-
-
-@pytest.fixture
-def page(tmp_path: Path) -> Iterator[Page]:
-    binary = find_chromium()
-    if binary is None:
-        pytest.skip("chromium is not installed and could not be installed with apt-get (needs root)")
-    browser = Chromium(binary, tmp_path / "profile")
-    try:
-        with browser.page() as tab:
-            yield tab
-    finally:
-        browser.close()
 
 
 def replies(page: Page) -> list[dict[str, str]]:
