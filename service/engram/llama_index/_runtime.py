@@ -19,6 +19,8 @@ import redis.asyncio as aioredis
 from engram.history.store import HistoryStore
 
 T = TypeVar("T")
+Operation = Callable[[HistoryStore], Awaitable[T]]
+"""One store operation, written once and run either on the caller's loop or through the sync bridge."""
 SYNC_CALL_TIMEOUT_SECONDS = 30.0
 
 
@@ -91,10 +93,10 @@ class StoreRuntime:
                 store = self._per_loop[loop] = clone_store(self._home)
             return store
 
-    async def call(self, operation: Callable[[HistoryStore], Awaitable[T]]) -> T:
+    async def call(self, operation: Operation[T]) -> T:
         return await operation(self.current())
 
-    def call_sync(self, operation: Callable[[HistoryStore], Awaitable[T]]) -> T:
+    def call_sync(self, operation: Operation[T]) -> T:
         async def run() -> T:
             return await operation(self.current())
 

@@ -8,7 +8,6 @@ Chat-store keys are Engram session ids (``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from llama_index.core.base.llms.types import ChatMessage
@@ -18,13 +17,12 @@ from llama_index.core.storage.chat_store.base import BaseChatStore
 from engram.connections import create_redis
 from engram.history.store import HistoryStore
 from engram.keys import KeySpace
-from engram.llama_index._runtime import StoreRuntime
+from engram.llama_index._runtime import Operation, StoreRuntime
 from engram.llama_index.convert import to_chat_message, to_new_message
 from engram.models import Policy
 from engram.settings import Settings
 
 T = TypeVar("T")
-Operation = Callable[[HistoryStore], Awaitable[T]]
 
 
 class _StoreBacked:

@@ -24,7 +24,7 @@ from llama_index.core.utils import get_tokenizer
 
 from engram.history.cache import drop_unanswerable_start, fit_budget
 from engram.history.store import HistoryStore
-from engram.llama_index._runtime import StoreRuntime
+from engram.llama_index._runtime import Operation, StoreRuntime
 from engram.llama_index.convert import to_chat_message, to_new_message
 from engram.models import CommittedTurn, Policy, StoredMessage, Window
 
@@ -75,20 +75,51 @@ class EngramMemory(BaseMemory):
         """What the last commit stored (``duplicate`` when another request committed this turn first)."""
         return self._committed
 
+    # --- operations: each defined once, run on the caller's loop (a-methods) or the sync bridge ---------
+    def _load(self) -> Operation[Window]:
+        async def operation(store: HistoryStore) -> Window:
+            self._window = await store.load_window(self.tenant, self.session_id, self.token_limit, turn_id=self.turn_id)
+            return self._window
+
+        return operation
+
+    def _stored(self) -> Operation[list[ChatMessage]]:
+        async def operation(store: HistoryStore) -> list[ChatMessage]:
+            stored = await store.all_messages(self.tenant, self.session_id)
+            return [to_chat_message(m) for m in stored] + list(self._pending)
+
+        return operation
+
+    def _commit(self, turn: list[ChatMessage], turn_id: str | None) -> Operation[None]:
+        new = [to_new_message(m) for m in turn]
+
+        async def operation(store: HistoryStore) -> None:
+            self._committed = await store.append(self.tenant, self.session_id, new, self._policy, turn_id=turn_id)
+            self._window = None  # the next get loads again (a hit or delta, from the cache)
+            self.turn_id = None
+
+        return operation
+
+    def _replace(self, messages: list[ChatMessage]) -> Operation[None]:
+        new = [to_new_message(m) for m in messages]
+
+        async def operation(store: HistoryStore) -> None:
+            if new:
+                await store.replace(self.tenant, self.session_id, new, self._policy)
+            else:
+                await store.delete_session(self.tenant, self.session_id)
+            self._pending, self._window = [], None
+
+        return operation
+
     # --- loading ------------------------------------------------------------------------------------
     async def aload(self) -> Window:
         """Load this turn's window now (one round trip). With ``turn_id`` set, ``window.replay`` holds
         that turn if it was already committed: answer the retry from it without calling the model."""
-        self._window = await self._runtime.call(
-            lambda store: store.load_window(self.tenant, self.session_id, self.token_limit, turn_id=self.turn_id)
-        )
-        return self._window
+        return await self._runtime.call(self._load())
 
     def load(self) -> Window:
-        self._window = self._runtime.call_sync(
-            lambda store: store.load_window(self.tenant, self.session_id, self.token_limit, turn_id=self.turn_id)
-        )
-        return self._window
+        return self._runtime.call_sync(self._load())
 
     def _compose(self, window: Window, initial_token_count: int) -> list[ChatMessage]:
         pending = [to_new_message(m) for m in self._pending]
@@ -110,76 +141,43 @@ class EngramMemory(BaseMemory):
         return self._compose(window, int(kwargs.get("initial_token_count", 0)))
 
     async def aget_all(self) -> list[ChatMessage]:
-        stored = await self._runtime.call(lambda store: store.all_messages(self.tenant, self.session_id))
-        return [to_chat_message(m) for m in stored] + list(self._pending)
+        return await self._runtime.call(self._stored())
 
     def get_all(self) -> list[ChatMessage]:
-        stored = self._runtime.call_sync(lambda store: store.all_messages(self.tenant, self.session_id))
-        return [to_chat_message(m) for m in stored] + list(self._pending)
+        return self._runtime.call_sync(self._stored())
 
     # --- writing ------------------------------------------------------------------------------------
-    def _role(self, message: ChatMessage) -> str:
-        return message.role.value if hasattr(message.role, "value") else str(message.role)
-
     def _take_turn(self, message: ChatMessage) -> list[ChatMessage] | None:
         """Add ``message`` to the pending turn; return the turn when it is complete (an answer)."""
         self._pending.append(message)
-        if self._role(message) not in _ANSWER_ROLES:
+        role = message.role.value if hasattr(message.role, "value") else str(message.role)
+        if role not in _ANSWER_ROLES:
             return None
         turn, self._pending = self._pending, []
         return turn
 
-    def _after_commit(self, committed: CommittedTurn) -> None:
-        self._committed = committed
-        self._window = None  # the next get loads again (a delta, served from the cache)
-        self.turn_id = None
-
     async def aput(self, message: ChatMessage) -> None:
-        turn = self._take_turn(message)
-        if turn is None:
-            return
-        new = [to_new_message(m) for m in turn]
-        turn_id = self.turn_id or uuid.uuid4().hex
-        committed = await self._runtime.call(
-            lambda store: store.append(self.tenant, self.session_id, new, self._policy, turn_id=turn_id)
-        )
-        self._after_commit(committed)
+        if turn := self._take_turn(message):
+            await self._runtime.call(self._commit(turn, self.turn_id or uuid.uuid4().hex))
 
     def put(self, message: ChatMessage) -> None:
-        turn = self._take_turn(message)
-        if turn is None:
-            return
-        new = [to_new_message(m) for m in turn]
-        turn_id = self.turn_id or uuid.uuid4().hex
-        committed = self._runtime.call_sync(
-            lambda store: store.append(self.tenant, self.session_id, new, self._policy, turn_id=turn_id)
-        )
-        self._after_commit(committed)
+        if turn := self._take_turn(message):
+            self._runtime.call_sync(self._commit(turn, self.turn_id or uuid.uuid4().hex))
 
     async def aflush(self) -> None:
         """Commit pending messages that no answer followed (e.g. a user message on its own)."""
         if self._pending:
             pending, self._pending = self._pending, []
-            new = [to_new_message(m) for m in pending]
-            committed = await self._runtime.call(
-                lambda store: store.append(self.tenant, self.session_id, new, self._policy)
-            )
-            self._after_commit(committed)
+            await self._runtime.call(self._commit(pending, None))
 
     async def aset(self, messages: list[ChatMessage]) -> None:
-        new = [to_new_message(m) for m in messages]
-        await self._runtime.call(lambda store: store.replace(self.tenant, self.session_id, new, self._policy))
-        self._pending, self._window = [], None
+        await self._runtime.call(self._replace(messages))
 
     def set(self, messages: list[ChatMessage]) -> None:
-        new = [to_new_message(m) for m in messages]
-        self._runtime.call_sync(lambda store: store.replace(self.tenant, self.session_id, new, self._policy))
-        self._pending, self._window = [], None
+        self._runtime.call_sync(self._replace(messages))
 
     async def areset(self) -> None:
-        await self._runtime.call(lambda store: store.delete_session(self.tenant, self.session_id))
-        self._pending, self._window = [], None
+        await self._runtime.call(self._replace([]))
 
     def reset(self) -> None:
-        self._runtime.call_sync(lambda store: store.delete_session(self.tenant, self.session_id))
-        self._pending, self._window = [], None
+        self._runtime.call_sync(self._replace([]))
