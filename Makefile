@@ -54,8 +54,8 @@ run: install ## Local stack: redis-server, $(REPLICAS) replicas, HAProxy round-r
 	REPLICAS=$(REPLICAS) scripts/run-local.sh
 
 .PHONY: bench
-bench: install ## Benchmarks: per-turn memory cost vs ChatMemoryBuffer and the JSON pattern (writes docs/benchmarks.md)
-	$(PY) -m bench.turn_cost
+bench: install ## Benchmarks: per-turn cost vs the alternatives, end to end through make run's stack, footprint (writes docs/benchmarks.md)
+	$(PY) -m bench
 
 include deploy/deploy.mk
 

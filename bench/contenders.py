@@ -54,6 +54,7 @@ class Turn:
 
     run: Callable[[int], Awaitable[None]]
     settle: Callable[[], object] = lambda: None
+    window_messages: int | None = None  # messages a load hands the model (Engram's, measured at build)
 
 
 class Contenders:
@@ -84,14 +85,14 @@ class Contenders:
         await seeder.client.aclose()
         replicas = [self.engram_store(cache=mode != "cold") for _ in range(2 if mode == "delta" else 1)]
         for replica in replicas:  # warm: function library loaded, connections open, tails cached
-            await replica.load_window("bench", session, TOKEN_LIMIT)
+            window = await replica.load_window("bench", session, TOKEN_LIMIT)
 
         async def turn(n: int) -> None:
             replica = replicas[n % len(replicas)]
             await replica.load_window("bench", session, TOKEN_LIMIT)
             await replica.commit_turn("bench", session, f"t{n}", message_text(n), message_text(n + 1), policy)
 
-        return Turn(turn)
+        return Turn(turn, window_messages=len(window.messages))
 
     def chat_memory_buffer(self, size: int) -> Turn:
         key = f"{self.prefix}cmb-{size}"

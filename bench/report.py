@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.contenders import DESCRIPTIONS, ENGRAM
+from bench.contenders import DESCRIPTIONS, ENGRAM, TOKEN_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -53,12 +54,14 @@ def turn_cost_section(rows: list[dict[str, Any]]) -> list[str]:
     table = by_key(rows)
     sizes = sorted({r["size"] for r in rows})
     names = [n for n in DESCRIPTIONS if any(r["contender"] == n for r in rows)]
+    most = max((r.get("turns") or 0 for r in rows), default=0)
     out = [
         "## 1. Per-turn memory cost",
         "",
         "Load the window for a turn + commit the turn, no model time; "
         "3,000-token window, ≈60-token messages. Median and p99 in milliseconds; × = median divided by "
-        f"`{REFERENCE}`'s at the same size. All sizes and contenders interleaved turn by turn in one run.",
+        f"`{REFERENCE}`'s at the same size. All sizes and contenders interleaved turn by turn in one run; "
+        f"{most} turns each unless a cell says fewer (the contender spent its time budget at that size).",
         "",
     ]
     out += [
@@ -75,7 +78,10 @@ def turn_cost_section(rows: list[dict[str, Any]]) -> list[str]:
                 cells.append(f"stopped: {row['stopped']}")
             else:
                 x = ratio(table, size, name)
-                cells.append(f"{fmt_ms(row['median_ms'])} / {fmt_ms(row['p99_ms'])} ({x:,.1f}×)" if x else "–")
+                cell = f"{fmt_ms(row['median_ms'])} / {fmt_ms(row['p99_ms'])} ({x:,.1f}×)" if x else "–"
+                if row.get("turns", most) < most:  # it spent its time budget first
+                    cell += f", {row['turns']} turns"
+                cells.append(cell)
         out.append(f"| `{name}` | " + " | ".join(cells) + " |")
     out += ["", *[f"- `{n}`: {DESCRIPTIONS[n]}" for n in names], ""]
     out += [
@@ -98,26 +104,62 @@ def turn_cost_section(rows: list[dict[str, Any]]) -> list[str]:
     return [*out, ""]
 
 
-def targets_section(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> list[str]:
+def first_full_window(rows: list[dict[str, Any]]) -> int | None:
+    """The smallest size whose window is full: the 3,000-token budget holds fewer messages than the
+    session (measured by turn_cost as `window_messages`; else computed from the messages' tokens)."""
+    sizes = sorted({r["size"] for r in rows})
+    measured = {r["size"]: r["window_messages"] for r in rows if r.get("window_messages")}
+    if not measured:
+        from bench.contenders import message_text
+        from engram.tokens import default_tokenizer
+
+        capacity = TOKEN_LIMIT // default_tokenizer()(message_text(0))
+        measured = {size: min(size, capacity) for size in sizes}
+    return next((size for size in sizes if measured.get(size, size) < size), None)
+
+
+def window_note(rows: list[dict[str, Any]]) -> str:
+    windows = sorted({(r["size"], r["window_messages"]) for r in rows if r.get("window_messages")})
+    if not windows:
+        return ""
+    shown = ", ".join(f"{w:,} at {s:,}" for s, w in windows)
+    return f"Messages one load hands the model (the window): {shown}."
+
+
+def flatness_rows(rows: list[dict[str, Any]]) -> list[str]:
+    """Engram's cost at the largest size against the smallest (the issue's literal target) and against
+    the first size whose window is full (where what a load reads stops growing)."""
     table = by_key(rows)
     sizes = sorted({r["size"] for r in rows})
-    lines = ["## Targets", "", "| target | where we stand | met |", "|---|---|---|"]
-    if sizes:
-        small, large = sizes[0], sizes[-1]
-        for name in ENGRAM:
-            a, b = table.get((small, name)), table.get((large, name))
-            if a and b and a.get("median_ms") and b.get("median_ms"):
-                growth = b["median_ms"] / a["median_ms"]
-                lines.append(
-                    f"| `{name}` at {large:,} ≤ 1.5× its cost at {small:,} | {growth:.2f}× | "
-                    f"{'yes' if growth <= 1.5 else 'no'} |"
-                )
+    if len(sizes) < 2:
+        return []
+    small, large, full = sizes[0], sizes[-1], first_full_window(rows)
+    lines = []
+    for name in ENGRAM:
+        big = table.get((large, name))
+        for base, label in ((small, ""), (full, " (the first size whose window is full)")):
+            ref = table.get((base, name)) if base is not None and base < large else None
+            if ref is None or base is None or not big or not ref.get("median_ms") or not big.get("median_ms"):
+                continue
+            growth = big["median_ms"] / ref["median_ms"]
+            lines.append(
+                f"| `{name}` at {large:,} ≤ 1.5× its cost at {base:,}{label} | {growth:.2f}× | "
+                f"{'yes' if growth <= 1.5 else 'no'} |"
+            )
+    return lines
+
+
+def targets_section(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> list[str]:
+    table = by_key(rows)
+    lines = ["## Targets", "", "| target | where we stand | met |", "|---|---|---|", *flatness_rows(rows)]
     for name, goal in (("cmb+redis", 500), ("json-get-set", 20)):
         x = ratio(table, 1000, name)
         if x is not None:
             lines.append(
                 f"| ≥ {goal}× faster than `{name}` at 1,000 messages | {x:,.0f}× | {'yes' if x >= goal else 'no'} |"
             )
+        elif (row := table.get((1000, name))) and row.get("stopped"):
+            lines.append(f"| ≥ {goal}× faster than `{name}` at 1,000 messages | it was stopped: {row['stopped']} | – |")
     trips = [table[k]["round_trips"] for k in table if k[1] in ENGRAM and table[k].get("round_trips") is not None]
     if trips:
         lines.append(
@@ -129,6 +171,19 @@ def targets_section(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> l
         lines.append(
             f"| end to end ≥ 0.8× the stateless baseline's throughput | {x:.2f}× | {'yes' if x >= 0.8 else 'no'} |"
         )
+    sizes = sorted({r["size"] for r in rows})
+    full = first_full_window(rows)
+    if full is not None and full > sizes[0]:
+        measured = ": the second row per contender measures that." if full < sizes[-1] else "."
+        lines += [
+            "",
+            f"The literal flatness target compares against {sizes[0]:,} messages, where the whole session fits "
+            f"the {TOKEN_LIMIT:,}-token window. A load reads the window, so its cost grows with the window until "
+            f"the window is full (≈{TOKEN_LIMIT // 60} messages of ≈60 tokens: from {full:,} messages here) and "
+            f"is flat after{measured} This shows most in `engram-cold`, which reads the whole window from Redis "
+            "on every turn; `engram-hit` and `engram-delta` read only what changed but still hand the model "
+            f"(and copy) the whole window. {window_note(rows)}",
+        ]
     return [*lines, ""]
 
 
@@ -154,30 +209,76 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
+def _split(outcomes: dict[str, int]) -> str:
+    if outcomes.get("off"):
+        return f"memory off ({outcomes['off']})"
+    total = sum(outcomes.get(k, 0) for k in ("hit", "delta", "miss")) or 1
+    return " / ".join(
+        f"{outcomes.get(k, 0)} ({100 * outcomes.get(k, 0) / total:.0f}%)" for k in ("hit", "delta", "miss")
+    )
+
+
 def end_to_end_section(e2e: dict[str, Any]) -> list[str]:
+    runs = {run["name"]: run for run in e2e.get("runs", [])}
+    baseline = runs.get("stateless", {}).get("turns_per_s")
     out = [
         "## 3. End to end",
         "",
         e2e.get("setup", ""),
         "",
-        "| stack | turns/s | p50 ms | p99 ms | errors | hit / delta / miss |",
-        "|---|---|---|---|---|---|",
+        "| stack | turns/s | × stateless | p50 ms | p99 ms | errors | hit / delta / miss | workers | recall |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for run in e2e.get("runs", []):
-        split = run.get("outcomes") or {}
+    for run in runs.values():
+        x = f"{run['turns_per_s'] / baseline:.2f}×" if baseline else "–"
+        if run["name"] == "stateless":
+            recall = f"none of {run['follow_ups']} (by design)"
+        else:
+            recall = f"{run['follow_ups'] - run['recall_failures']} of {run['follow_ups']} follow-ups"
         out.append(
-            f"| {run['name']} | {run['turns_per_s']:.1f} | {run['p50_ms']:.1f} | {run['p99_ms']:.1f} | "
-            f"{run['errors']} | {split.get('hit', 0)} / {split.get('delta', 0)} / {split.get('miss', 0)} |"
+            f"| `{run['name']}` | {run['turns_per_s']:.1f} | {x} | {run['p50_ms']:.1f} | {run['p99_ms']:.1f} | "
+            f"{run['errors']} | {_split(run.get('outcomes') or {})} | {len(run.get('replicas') or {})} | {recall} |"
         )
-    footprint = e2e.get("footprint")
-    if footprint:
+    out += ["", *[f"- `{run['name']}`: {run['description']}" for run in runs.values()]]
+    rounds = "; ".join(
+        f"`{run['name']}` " + ", ".join(f"{r['turns_per_second']:.0f}" for r in run.get("rounds", []))
+        for run in runs.values()
+    )
+    out += ["", f"turns/s per round: {rounds}."]
+    if e2e.get("round_ratios"):
+        ratios = ", ".join(f"{x:.2f}" for x in e2e["round_ratios"])
+        out.append(f"`engram` / `stateless` per round: {ratios}.")
+    if baseline and "engram" in runs and "sticky" in runs:
+        sticky, engram = runs["sticky"]["turns_per_s"], runs["engram"]["turns_per_s"]
         out += [
             "",
-            "## 4. Footprint",
-            "",
-            f"- RSS per worker after warm-up: {footprint['rss_mib']:.0f} MiB",
-            f"- process start to `/readyz` OK: {footprint['ready_s']:.2f} s",
+            f"What affinity would buy: the sticky stack served {sticky:.1f} turns/s "
+            f"({sticky / baseline:.2f}× the baseline) against {engram:.1f} without affinity: "
+            f"{sticky / engram - 1:+.0%}, "
+            "from turning `delta` loads into `hit`s (both are one round trip; "
+            "a delta also reads the other replicas' new messages).",
         ]
+    if e2e.get("load_before"):
+        before, after = e2e["load_before"], e2e.get("load_after") or e2e["load_before"]
+        out.append(f"Load average (1 min) before / after the run: {before[0]:.2f} / {after[0]:.2f}.")
+    for problem in e2e.get("problems") or []:
+        out.append(f"**Problem in this run:** {problem}.")
+    footprint = e2e.get("footprint")
+    if footprint:
+        out += ["", "## 4. Footprint", ""]
+        for name, workers in (footprint.get("rss_mib") or {}).items():
+            values = sorted(workers.values())
+            if values:
+                out.append(
+                    f"- RSS per worker after warm-up, `{name}`: {statistics.mean(values):.0f} MiB "
+                    f"({', '.join(f'{v:.0f}' for v in values)} MiB over {len(values)} workers; VmRSS)"
+                )
+        if footprint.get("ready_s") is not None:
+            samples = ", ".join(f"{s:.2f}" for s in footprint.get("ready_samples_s", []))
+            out.append(
+                f"- process start to `/readyz` OK: {footprint['ready_s']:.2f} s (median of {samples} s; one "
+                "`engram serve` at a time, while the stacks were idle)"
+            )
     return [*out, ""]
 
 

@@ -2,12 +2,13 @@
 
 Every contender runs on the same redis-server (started here, AOF everysec), at each history length,
 with all sizes and contenders interleaved turn by turn so machine noise hits them alike. A contender
-whose single turn at a size takes longer than --probe-timeout (checked first in a child process) is
-stopped there and reported as such. Then each measured contender's Redis work per turn is counted:
-round trips (commands the client sent, from MONITOR) and bytes to and from Redis (INFO stats).
+whose single turn at a size takes longer than --probe-timeout (checked first in a child process, at
+sizes from --probe-min-size: below, a turn takes milliseconds) is stopped there and reported as such.
+Then each measured contender's Redis work per turn is counted: round trips (commands the client
+sent, from MONITOR) and bytes to and from Redis (INFO stats).
 
     python -m bench.turn_cost                     # the full run (make bench)
-    python -m bench.turn_cost --sizes 10,100 --turns 3 --no-write   # a smoke run
+    python -m bench.turn_cost --sizes 10,100 --turns 3 --json /tmp/turn_cost.json   # a smoke run
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Result:
     round_trips: float | None = None
     bytes_to_redis: float | None = None
     bytes_from_redis: float | None = None
+    window_messages: int | None = None  # Engram's: messages one load hands the model (full when < size)
     stopped: str | None = None  # why it was not measured at this size
     samples_ms: list[float] = field(default_factory=list, repr=False)
 
@@ -135,7 +137,12 @@ async def redis_work(turn: Turn, port: int, first_n: int, turns: int = 3) -> tup
 
 
 async def run(
-    sizes: list[int], count: int, budget_s: float, probe_timeout_s: float, only: tuple[str, ...]
+    sizes: list[int],
+    count: int,
+    budget_s: float,
+    probe_timeout_s: float,
+    only: tuple[str, ...],
+    probe_min_size: int = 1000,
 ) -> list[Result]:
     results: dict[tuple[int, str], Result] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,13 +153,14 @@ async def run(
             for size in sizes:
                 for name in only:
                     results[(size, name)] = Result(size, name)
-                    if name in ALTERNATIVES:
+                    if name in ALTERNATIVES and size >= probe_min_size:
                         seconds = probe_one_turn(name, size, server.url, probe_timeout_s)
                         if seconds is None or seconds > probe_timeout_s:
                             results[(size, name)].stopped = f"one turn took over {probe_timeout_s:.0f} s"
                             print(f"{size:>6} {name:<13} stopped: one turn > {probe_timeout_s:.0f} s", flush=True)
                             continue
                     turns[(size, name)] = await contenders.build(name, size)
+                    results[(size, name)].window_messages = turns[(size, name)].window_messages
             samples = await measure(turns, count, budget_s)
             for key, values in samples.items():
                 result = results[key]
@@ -178,6 +186,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=200, help="turns per contender and size")
     parser.add_argument("--budget", type=float, default=30.0, help="seconds a contender may spend per size")
     parser.add_argument("--probe-timeout", type=float, default=60.0, help="longest single turn allowed")
+    parser.add_argument("--probe-min-size", type=int, default=1000, help="probe alternatives from this size")
     parser.add_argument("--only", default=",".join(ALL_CONTENDERS), help="contenders to run")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "turn_cost.json")
     parser.add_argument("--probe", nargs=3, metavar=("NAME", "SIZE", "URL"), help=argparse.SUPPRESS)
@@ -186,7 +195,8 @@ def main() -> None:
         asyncio.run(run_probe(args.probe[0], int(args.probe[1]), args.probe[2]))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
-    results = asyncio.run(run(sizes, args.turns, args.budget, args.probe_timeout, tuple(args.only.split(","))))
+    only = tuple(args.only.split(","))
+    results = asyncio.run(run(sizes, args.turns, args.budget, args.probe_timeout, only, args.probe_min_size))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     print(f"wrote {args.json}")

@@ -13,6 +13,8 @@
 #   REDIS_PORT=6390          the local redis-server
 #   RUN_DIR=.run             data, logs, rendered configs
 #   WORKERS=1                uvicorn workers per replica
+#   LB_AFFINITY=none         none: round-robin per request; session: HAProxy hashes the X-Session-Id header
+#                            so a conversation stays on one replica (for the benchmark's comparison only)
 #   ENGRAM_AUTH=disabled     local default (anyone on this machine may chat); any ENGRAM_* is passed on
 set -euo pipefail
 
@@ -26,6 +28,7 @@ REPLICA_BASE_PORT="${REPLICA_BASE_PORT:-8101}"
 REDIS_PORT="${REDIS_PORT:-6390}"
 RUN_DIR="${RUN_DIR:-.run}"
 WORKERS="${WORKERS:-1}"
+LB_AFFINITY="${LB_AFFINITY:-none}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 export ENGRAM_AUTH="${ENGRAM_AUTH:-disabled}"
 
@@ -33,6 +36,11 @@ say() { printf '[run-local] %s\n' "$*"; }
 die() { printf '[run-local] error: %s\n' "$*" >&2; exit 1; }
 
 [[ "$REPLICAS" =~ ^[1-9][0-9]*$ ]] || die "REPLICAS must be a positive number, got '$REPLICAS'"
+case "$LB_AFFINITY" in
+    none) balance="balance roundrobin" lb_mode="round-robin per request, no affinity" ;;
+    session) balance="balance hdr(X-Session-Id)" lb_mode="sticky per session: hash of the X-Session-Id header" ;;
+    *) die "LB_AFFINITY must be none or session, got '$LB_AFFINITY'" ;;
+esac
 
 # --- what is missing gets installed -------------------------------------------------------------------
 find_bin() { command -v "$1" 2>/dev/null || { [[ -x "/usr/sbin/$1" ]] && echo "/usr/sbin/$1"; } || true; }
@@ -133,9 +141,9 @@ done
 # --- load balancer ----------------------------------------------------------------------------------------
 template="$REPO/deploy/local/haproxy.cfg.template"
 config="$RUN_DIR/haproxy.cfg"
-awk -v bind="$BIND" -v port="$PORT" -v servers="$servers" '
+awk -v bind="$BIND" -v port="$PORT" -v servers="$servers" -v balance="$balance" '
     /\{\{SERVERS\}\}/ { printf "%s", servers; next }
-    { gsub(/\{\{BIND\}\}/, bind); gsub(/\{\{PORT\}\}/, port); print }
+    { gsub(/\{\{BIND\}\}/, bind); gsub(/\{\{PORT\}\}/, port); gsub(/\{\{BALANCE\}\}/, balance); print }
 ' "$template" >"$config"
 "$HAPROXY" -c -q -f "$config" || die "rendered $config is invalid"
 start haproxy "$RUN_DIR/logs/haproxy.log" "$HAPROXY" -db -f "$config"
@@ -144,7 +152,7 @@ wait_until "haproxy" "${pids[-1]}" 10 http_ok "$PORT" /healthz
 host="$BIND"
 [[ "$host" == "0.0.0.0" ]] && host="127.0.0.1"
 echo
-say "Engram is running: $REPLICAS replicas behind HAProxy (round-robin per request, no affinity)"
+say "Engram is running: $REPLICAS replicas behind HAProxy ($lb_mode)"
 say "  chat page   http://$host:$PORT/"
 say "  API         http://$host:$PORT/v1/chat   (OpenAPI: http://$host:$PORT/docs)"
 for ((i = 1; i <= REPLICAS; i++)); do

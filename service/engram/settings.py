@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     max_messages_per_session: int = Field(10_000, ge=2, le=10_000_000, description="oldest are trimmed")
     max_message_bytes: int = Field(32 * 1024, ge=1, le=16 * 1024 * 1024, description="UTF-8 bytes per message")
     cache_sessions: int = Field(10_000, ge=0, description="session tails kept per process (0 = no cache)")
+    memory: Literal["on", "off"] = Field(
+        "on",
+        description="off = a benchmark baseline only: chat turns skip loading and storing history and the model "
+        "gets just the new message (a stateless service, for comparison; see docs/benchmarks.md)",
+    )
 
     # --- model ---------------------------------------------------------------------------------------
     llm: Literal["echo", "openai-like"] = "echo"

@@ -42,6 +42,11 @@ AUTH_DISABLED_WARNING = (
     "!!  Use it on a laptop only; set ENGRAM_AUTH=required anywhere else.\n" + "!" * 78
 )
 
+MEMORY_OFF_WARNING = (
+    "ENGRAM_MEMORY=off: a benchmark baseline. Chat turns load and store no history; "
+    "the model is given only the new message."
+)
+
 
 def served_by() -> str:
     """``host:pid`` of this process: what X-Served-By and ``served_by`` say."""
@@ -138,13 +143,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings=settings, redis=redis, store=store, llm=build_llm(settings), auth=auth, served_by=served_by()
     )
     log.info(
-        "engram %s serving as %s (redis %s, model %s, auth %s)",
+        "engram %s serving as %s (redis %s, model %s, auth %s, memory %s)",
         engram.__version__,
         served_by(),
         settings.redis_url.split("@")[-1],
         settings.llm,
         settings.auth,
+        settings.memory,
     )
+    if settings.memory == "off":
+        log.warning(MEMORY_OFF_WARNING)
     try:
         yield
     finally:

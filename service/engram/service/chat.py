@@ -8,6 +8,10 @@ from Redis (two round trips: load the window, commit the pair), so any replica c
                                                    duplicate? -> answer the reply stored first
 
 A model failure commits nothing (502); Redis trouble commits nothing (503).
+
+``ENGRAM_MEMORY=off`` is a benchmark baseline, not a mode to serve users with: the same engine and model
+over a memory that starts empty and is dropped after the turn, so nothing is loaded or stored and the
+model is given only the new message (``history.cache`` is then ``off``).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.llms import LLM
+from llama_index.core.memory import ChatMemoryBuffer
 
 from engram.errors import EngramError, InvalidInput, InvalidMessage, MessageTooLarge, StoreUnavailable
 from engram.history.store import HistoryStore, validate_turn_id
@@ -41,6 +46,7 @@ class TurnContext:
     tenant: Tenant
     served_by: str
     max_message_bytes: int
+    memory: bool = True  # False: ENGRAM_MEMORY=off, the stateless benchmark baseline
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +55,7 @@ class TurnResult:
     turn_id: str
     reply: str
     served_by: str
-    cache: CacheOutcome
+    cache: CacheOutcome | Literal["off"]
     messages: int
 
     def body(self) -> ChatReply:
@@ -145,7 +151,16 @@ async def _begin(ctx: TurnContext, request: ChatRequest, turn_id: str) -> tuple[
     return memory, window
 
 
-def _result(ctx: TurnContext, request: ChatRequest, turn_id: str, window: Window, reply: str) -> TurnResult:
+def _stateless_engine(ctx: TurnContext) -> SimpleChatEngine:
+    """ENGRAM_MEMORY=off: the same engine over an in-process memory that starts empty (nothing loaded)
+    and is dropped after the turn (nothing stored)."""
+    memory = ChatMemoryBuffer.from_defaults(token_limit=ctx.tenant.policy.token_limit)
+    return SimpleChatEngine.from_defaults(llm=ctx.llm, memory=memory)
+
+
+def _result(ctx: TurnContext, request: ChatRequest, turn_id: str, window: Window | None, reply: str) -> TurnResult:
+    if window is None:  # ENGRAM_MEMORY=off
+        return TurnResult(request.session_id, turn_id, reply, ctx.served_by, cache="off", messages=0)
     messages = len(window.messages)
     if window.replay is not None and window.replay.messages:
         # a retry: count what preceded the stored turn, as the first answer did (the window now holds it too)
@@ -172,6 +187,13 @@ async def chat_turn(ctx: TurnContext, request: ChatRequest) -> TurnResult:
     """Answer one message (non-streaming)."""
     with _turn_metrics() as turn:
         turn_id = validate_request(ctx, request)
+        if not ctx.memory:
+            clock = metrics.start_model_clock()
+            try:
+                response = await _stateless_engine(ctx).achat(request.message)
+            except Exception as error:
+                raise _model_failure(error, clock) from error
+            return _result(ctx, request, turn_id, None, str(response))
         memory, window = await _begin(ctx, request, turn_id)
         if window.replay is not None:
             turn.outcome = "replayed"
@@ -200,8 +222,8 @@ class StreamingTurn:
         ctx: TurnContext,
         request: ChatRequest,
         turn_id: str,
-        memory: EngramMemory,
-        window: Window,
+        memory: EngramMemory | None,
+        window: Window | None,
         tokens: AsyncIterator[str] | None,
         first: str,
         clock: metrics.ModelClock,
@@ -218,16 +240,21 @@ class StreamingTurn:
             if self.first:
                 yield "token", {"text": self.first}
             if self.tokens is not None:
+                parts = [self.first]
                 try:
                     with metrics.redis_operation("commit"):
                         async for text in self.tokens:
                             if text:
+                                parts.append(text)
                                 yield "token", {"text": text}
                 except Exception as error:
                     raise _model_failure(error, self.clock) from error
-                committed = _committed(self.memory)
-                outcome = "duplicate" if committed.duplicate else "ok"
-                reply = committed.reply
+                if self.memory is None:  # ENGRAM_MEMORY=off: nothing was stored
+                    outcome, reply = "ok", "".join(parts)
+                else:
+                    committed = _committed(self.memory)
+                    outcome = "duplicate" if committed.duplicate else "ok"
+                    reply = committed.reply
             else:
                 outcome, reply = "replayed", self.first
             result = _result(self.ctx, self.request, self.turn_id, self.window, reply)
@@ -253,12 +280,17 @@ async def open_stream(ctx: TurnContext, request: ChatRequest) -> StreamingTurn:
     output is still an ordinary error response (502/503) rather than an error event."""
     with _turn_metrics(failures_only=True) as turn:
         turn_id = validate_request(ctx, request)
-        memory, window = await _begin(ctx, request, turn_id)
-        if window.replay is not None:
-            return StreamingTurn(
-                ctx, request, turn_id, memory, window, None, window.replay.reply, metrics.ModelClock(), turn.started
-            )
-        engine = SimpleChatEngine.from_defaults(llm=ctx.llm, memory=memory)
+        memory: EngramMemory | None = None
+        window: Window | None = None
+        if ctx.memory:
+            memory, window = await _begin(ctx, request, turn_id)
+            if window.replay is not None:
+                return StreamingTurn(
+                    ctx, request, turn_id, memory, window, None, window.replay.reply, metrics.ModelClock(), turn.started
+                )
+            engine = SimpleChatEngine.from_defaults(llm=ctx.llm, memory=memory)
+        else:
+            engine = _stateless_engine(ctx)
         clock = metrics.start_model_clock()
         try:
             with metrics.redis_operation("commit"):

@@ -63,6 +63,7 @@ def get_turn_context(resources: ResourcesDep, tenant: TenantDep) -> TurnContext:
         tenant=tenant,
         served_by=resources.served_by,
         max_message_bytes=resources.settings.max_message_bytes,
+        memory=resources.settings.memory == "on",
     )
 
 

@@ -3,6 +3,9 @@
 ``concurrency`` conversations run at once, each sending its ``turns`` messages one after the other
 (a conversation is sequential by nature). Every follow-up turn is checked: the reply must say the model
 was given earlier messages and, with the echo model, must quote the previous message verbatim.
+
+Every request carries ``X-Session-Id: <session id>``, which the service ignores: it lets a load balancer
+keep a conversation on one replica (``LB_AFFINITY=session`` in ``scripts/run-local.sh``) for comparison.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import httpx
 
 ECHO_PREFIXES = ('You said before: "', "This is the start of our conversation.")
 MAX_EXAMPLES = 5
+SESSION_HEADER = "X-Session-Id"
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -47,6 +51,7 @@ class LoadReport:
     sessions: int
     turns_per_session: int
     concurrency: int
+    keepalive: bool = True
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)  # of successful turns, seconds
     cache: Counter[str] = field(default_factory=Counter)
@@ -76,9 +81,11 @@ class LoadReport:
             "turns_per_second": round(self.ok_turns / self.seconds, 1) if self.seconds else 0.0,
             "p50_ms": round(percentile(ordered, 0.50) * 1000, 1),
             "p99_ms": round(percentile(ordered, 0.99) * 1000, 1),
-            "cache": {k: self.cache.get(k, 0) for k in ("hit", "delta", "miss")},
+            "cache": {k: self.cache.get(k, 0) for k in ("hit", "delta", "miss")} | dict(self.cache),
             "replicas": dict(self.replicas),
+            "follow_ups": self.follow_ups,
             "recall_failures": len(self.recall_failures),
+            "keepalive": self.keepalive,
         }
 
     def format(self) -> str:
@@ -127,7 +134,7 @@ async def _conversation(client: httpx.AsyncClient, report: LoadReport, run_id: s
         body = {"session_id": session_id, "message": message, "turn_id": f"{run_id}-{index}-{turn}"}
         started = time.perf_counter()
         try:
-            response = await client.post("/v1/chat", json=body)
+            response = await client.post("/v1/chat", json=body, headers={SESSION_HEADER: session_id})
         except httpx.HTTPError as error:
             report.errors[type(error).__name__] += 1
             continue
@@ -172,7 +179,9 @@ async def run_loadgen(
     progress: TextIO | None = None,
 ) -> LoadReport:
     """Run ``sessions`` conversations of ``turns`` turns, ``concurrency`` at a time."""
-    report = LoadReport(url=url, sessions=sessions, turns_per_session=turns, concurrency=concurrency)
+    report = LoadReport(
+        url=url, sessions=sessions, turns_per_session=turns, concurrency=concurrency, keepalive=keepalive
+    )
     run_id = uuid.uuid4().hex[:8]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency if keepalive else 0)

@@ -16,16 +16,28 @@ def iso_time(seconds: float) -> str:
 
 
 class ChatRequest(BaseModel):
-    session_id: str = Field(description="the conversation; 1-128 of [A-Za-z0-9._-], starting alphanumeric")
-    message: str = Field(description="the user's message (at most ENGRAM_MAX_MESSAGE_BYTES of UTF-8)")
+    # The constraints are checked by the service (with its own error codes, see docs/service.md); they are
+    # only published in the OpenAPI document (json_schema_extra), so clients and schema-driven tests know them.
+    session_id: str = Field(
+        description="the conversation; 1-128 of [A-Za-z0-9._-], starting alphanumeric",
+        json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+    )
+    message: str = Field(
+        description="the user's message (at most ENGRAM_MAX_MESSAGE_BYTES of UTF-8), not only whitespace",
+        json_schema_extra={"pattern": r"\S"},
+    )
     turn_id: str | None = Field(
-        default=None, description="idempotency key: a retry with the same turn_id returns the first result"
+        default=None,
+        description="idempotency key: a retry with the same turn_id returns the first result",
+        json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
     )
     stream: bool = Field(default=False, description="answer as text/event-stream: token events, then done")
 
 
 class HistoryInfo(BaseModel):
-    cache: Literal["hit", "delta", "miss"] = Field(description="how this replica loaded the history")
+    cache: Literal["hit", "delta", "miss", "off"] = Field(
+        description="how this replica loaded the history (`off`: ENGRAM_MEMORY=off, the benchmark baseline)"
+    )
     messages: int = Field(description="earlier messages handed to the model")
 
 

@@ -1,0 +1,109 @@
+"""`make bench` at tiny sizes, so the harness never rots: the per-turn cost at 10 and 100 messages, the
+three end-to-end stacks (2 replicas each, real HAProxy), and the report. Checks that every output is
+complete and sane; no timing is asserted (this machine's speed is not what is tested)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.contenders import ALL_CONTENDERS, ENGRAM
+
+REPO = Path(__file__).resolve().parents[2]
+SESSIONS, TURNS, REPLICAS = 4, 3, 2
+
+
+def bench(part: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"bench.{part}", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def finish(process: subprocess.Popen[bytes], log: Path) -> None:
+    code = process.wait(timeout=240)
+    assert code == 0, log.read_text(errors="replace")[-4000:]
+
+
+def check_turn_cost(rows: list[dict[str, Any]]) -> None:
+    table = {(row["size"], row["contender"]): row for row in rows}
+    assert set(table) == {(size, name) for size in (10, 100) for name in ALL_CONTENDERS}
+    for (size, name), row in table.items():
+        if row["stopped"]:  # allowed, with a reason
+            assert "took over" in row["stopped"]
+            continue
+        assert row["turns"] == 3 and 0 < row["median_ms"] <= row["p99_ms"], row
+        assert row["round_trips"] >= 1 and row["bytes_to_redis"] > 0 and row["bytes_from_redis"] > 0, row
+        if name in ENGRAM:
+            assert row["round_trips"] == 2.0, row  # one load, one commit
+            assert row["window_messages"] == (10 if size == 10 else 50), row  # 3,000 tokens of ≈60-token messages
+
+
+def check_end_to_end(result: dict[str, Any]) -> None:
+    assert result["problems"] == []
+    runs = {run["name"]: run for run in result["runs"]}
+    assert list(runs) == ["engram", "stateless", "sticky"]
+    for name, run in runs.items():
+        assert run["turns"] == SESSIONS * TURNS and run["errors"] == 0, run
+        assert run["turns_per_s"] > 0 and 0 < run["p50_ms"] <= run["p99_ms"], run
+        assert len(run["replicas"]) == REPLICAS, run  # the load balancer used every replica
+        assert result["footprint"]["rss_mib"][name] and all(
+            v > 20 for v in result["footprint"]["rss_mib"][name].values()
+        )
+    assert runs["stateless"]["outcomes"]["off"] == SESSIONS * TURNS  # memory really off...
+    assert runs["stateless"]["recall_failures"] == runs["stateless"]["follow_ups"] == SESSIONS * (TURNS - 1)
+    for name in ("engram", "sticky"):  # ...and on, remembering every previous turn
+        assert runs[name]["recall_failures"] == 0
+        assert sum(runs[name]["outcomes"].values()) == SESSIONS * TURNS
+    # sticky: a conversation stays on one replica, so only its first turn misses the cache
+    assert runs["sticky"]["outcomes"] == {"hit": SESSIONS * (TURNS - 1), "delta": 0, "miss": SESSIONS}
+    assert result["throughput_ratio"] > 0 and result["sticky_ratio"] > 0
+    assert result["footprint"]["ready_s"] > 0
+
+
+def check_report(markdown: str) -> None:
+    assert "## Targets" in markdown and "| target | where we stand | met |" in markdown
+    assert "| 2 Redis round trips per turn | 2.0–2.0 | yes |" in markdown
+    assert "end to end ≥ 0.8× the stateless baseline's throughput" in markdown
+    assert "`engram-cold` at 100 ≤ 1.5× its cost at 10" in markdown
+    assert "the window is full" in markdown  # why cold cost grows from 10 to 100 and not after
+    for name in ALL_CONTENDERS:
+        assert f"| `{name}` |" in markdown
+    for heading in ("## 1. Per-turn memory cost", "## 2. Redis work per turn", "## 3. End to end", "## 4. Footprint"):
+        assert heading in markdown
+    for stack in ("engram", "stateless", "sticky"):
+        assert f"| `{stack}` |" in markdown and f"RSS per worker after warm-up, `{stack}`" in markdown
+    assert "process start to `/readyz` OK" in markdown
+
+
+def test_bench_harness_at_tiny_sizes_writes_complete_results_and_report(tmp_path: Path) -> None:
+    turn_cost, end_to_end, out = tmp_path / "turn_cost.json", tmp_path / "end_to_end.json", tmp_path / "benchmarks.md"
+    # both at once: nothing here is timed, and it keeps the smoke test short
+    cost = bench("turn_cost", "--sizes", "10,100", "--turns", "3", "--json", str(turn_cost), log=tmp_path / "tc.log")
+    e2e_args = ["--replicas", str(REPLICAS), "--sessions", str(SESSIONS), "--turns", str(TURNS), "--rounds", "1"]
+    e2e_args += ["--concurrency", "4", "--ready-samples", "1", "--pause", "0", "--json", str(end_to_end)]
+    e2e = bench("end_to_end", *e2e_args, log=tmp_path / "e2e.log")
+    finish(cost, tmp_path / "tc.log")
+    finish(e2e, tmp_path / "e2e.log")
+    check_turn_cost(json.loads(turn_cost.read_text()))
+    check_end_to_end(json.loads(end_to_end.read_text()))
+
+    report = bench(
+        "report",
+        "--turn-cost",
+        str(turn_cost),
+        "--end-to-end",
+        str(end_to_end),
+        "--out",
+        str(out),
+        log=tmp_path / "report.log",
+    )
+    finish(report, tmp_path / "report.log")
+    check_report(out.read_text())
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    usage = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert usage.returncode == 0 and "make bench" in usage.stdout
