@@ -103,6 +103,7 @@ class LocalStack:
             REPLICA_BASE_PORT=str(self.replica_base),
             RUN_DIR=str(run_dir),
             PYTHON=sys.executable,
+            ENGRAM_AUTH="disabled",  # the same for every stack: the benchmark measures memory, not API keys
             **spec.env,
         )
         self.process: subprocess.Popen[str] | None = None

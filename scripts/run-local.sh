@@ -15,7 +15,9 @@
 #   WORKERS=1                uvicorn workers per replica
 #   LB_AFFINITY=none         none: round-robin per request; session: HAProxy hashes the X-Session-Id header
 #                            so a conversation stays on one replica (for the benchmark's comparison only)
-#   ENGRAM_AUTH=disabled     local default (anyone on this machine may chat); any ENGRAM_* is passed on
+#   ENGRAM_AUTH=required     default: API keys checked; a tenant "demo" is created (its key kept in
+#                            RUN_DIR/demo-api-key, mode 0600) and the page URL printed carries it.
+#                            ENGRAM_AUTH=disabled serves everyone as tenant "default". Any ENGRAM_* is passed on.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,7 +32,7 @@ RUN_DIR="${RUN_DIR:-.run}"
 WORKERS="${WORKERS:-1}"
 LB_AFFINITY="${LB_AFFINITY:-none}"
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
-export ENGRAM_AUTH="${ENGRAM_AUTH:-disabled}"
+export ENGRAM_AUTH="${ENGRAM_AUTH:-required}"
 
 say() { printf '[run-local] %s\n' "$*"; }
 die() { printf '[run-local] error: %s\n' "$*" >&2; exit 1; }
@@ -121,6 +123,23 @@ start redis "$RUN_DIR/logs/redis.log" "$REDIS_SERVER" --port "$REDIS_PORT" --bin
     --dir "$RUN_DIR/redis" --appendonly yes --appendfsync everysec --save "" --protected-mode yes
 wait_until "redis-server" "${pids[-1]}" 10 redis_ping
 
+# --- the demo tenant (the same reconcile code as the operator, applied to Redis only) ------------------------
+page_fragment=""
+if [[ "$ENGRAM_AUTH" == "required" ]]; then
+    key_file="$RUN_DIR/demo-api-key"
+    tenant() { ENGRAM_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" "$PYTHON" -m engram.tenancy.cli tenant "$@"; }
+    if [[ -s "$key_file" ]] && tenant list 2>/dev/null | grep -q '^demo\b'; then
+        demo_key="$(<"$key_file")"
+    elif tenant list 2>/dev/null | grep -q '^demo\b'; then
+        demo_key="$(tenant rotate-key demo 2>>"$RUN_DIR/logs/tenant.log")" || die "could not rotate the demo tenant's key"
+    else
+        demo_key="$(tenant create demo 2>>"$RUN_DIR/logs/tenant.log")" || die "could not create the demo tenant"
+    fi
+    (umask 077 && printf '%s\n' "$demo_key" >"$key_file")
+    # In the fragment: the browser keeps it (localStorage) and never sends it in a request line or log.
+    page_fragment="#key=$demo_key"
+fi
+
 # --- replicas ---------------------------------------------------------------------------------------------
 servers=""
 replica_pids=()
@@ -153,14 +172,15 @@ host="$BIND"
 [[ "$host" == "0.0.0.0" ]] && host="127.0.0.1"
 echo
 say "Engram is running: $REPLICAS replicas behind HAProxy ($lb_mode)"
-say "  chat page   http://$host:$PORT/"
+say "  chat page   http://$host:$PORT/$page_fragment"
+[[ -n "$page_fragment" ]] && say "  API key     tenant demo (also in $RUN_DIR/demo-api-key): send it as 'Authorization: Bearer <key>'"
 say "  API         http://$host:$PORT/v1/chat   (OpenAPI: http://$host:$PORT/docs)"
 for ((i = 1; i <= REPLICAS; i++)); do
     say "  metrics     replica $i: http://127.0.0.1:$((REPLICA_BASE_PORT + i - 1))/metrics"
 done
 say "  redis       redis://127.0.0.1:$REDIS_PORT/0   (AOF on, data in $RUN_DIR/redis)"
 say "  logs        $RUN_DIR/logs/"
-say "  load test   $PYTHON -m engram.service loadgen --url http://$host:$PORT --sessions 20 --turns 10 --concurrency 5"
+say "  load test   $PYTHON -m engram.service loadgen --url http://$host:$PORT --sessions 20 --turns 10 --concurrency 5${page_fragment:+ --api-key \$(cat $RUN_DIR/demo-api-key)}"
 say "ready. Press Ctrl-C to stop everything."
 
 # --- watch until Ctrl-C -----------------------------------------------------------------------------------

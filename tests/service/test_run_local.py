@@ -86,11 +86,17 @@ def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_ru
 
     with local_stack(env, output) as stack:
         printed = output.read_text()
-        assert f"chat page   {url}/" in printed
+        # Auth is on by default: the printed page URL carries the demo tenant's key in its fragment.
+        found = re.search(rf"chat page   ({re.escape(url)}/#key=(egk_demo\.\S+))", printed)
+        assert found, printed
+        page_url, demo_key = found.groups()
+        assert (tmp_path / "run" / "demo-api-key").read_text().strip() == demo_key
+        assert httpx.post(f"{url}/v1/chat", json={"session_id": "x", "message": "hi"}).status_code == 401
         assert f"http://127.0.0.1:{base}/metrics" in printed and f"http://127.0.0.1:{base + 1}/metrics" in printed
 
-        page.navigate(url + "/")
+        page.navigate(page_url)
         page.wait_for("document.getElementById('session-id').textContent.startsWith('web-')")
+        assert page.evaluate("location.hash") == ""  # the page keeps the key and drops it from the address bar
         said = ["my cat is called Miso", "what is my cat called?", "and my dog is Rex", "who is Rex?"]
         for n, message in enumerate(said):
             send(page, message, n)
@@ -117,7 +123,8 @@ def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_ru
         assert port_is_free(port), f"port {port} still open after Ctrl-C"
 
     with local_stack({**env, "REPLICAS": "1"}, output):
-        page.navigate(url + "/")  # same browser profile: same session id, history from Redis's AOF
+        assert demo_key in output.read_text()  # the second run reuses the demo tenant and its key
+        page.navigate(url + "/")  # same browser profile: same session id and key, history from Redis's AOF
         page.wait_for("document.querySelectorAll('#messages .msg').length === 8")
         send(page, "and what did I ask you?", len(said))
         last = replies(page)[-1]

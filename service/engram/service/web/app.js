@@ -128,6 +128,14 @@ $("new-session").addEventListener("click", () => {
   loadHistory();
 });
 
+// `make run` prints a page URL ending in #key=<api key>: keep the key, then drop it from the address bar.
+// (A fragment never reaches the server, so the key is in no request line or access log.)
+const fragment = new URLSearchParams(location.hash.slice(1));
+if (fragment.get("key")) {
+  localStorage.setItem(API_KEY, fragment.get("key"));
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
 $("api-key").value = localStorage.getItem(API_KEY) || "";
 $("api-key").addEventListener("change", () => {
   const key = $("api-key").value.trim();
