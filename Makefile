@@ -58,6 +58,7 @@ bench: install ## Benchmarks: per-turn cost vs the alternatives, end to end thro
 	$(PY) -m bench
 
 include deploy/deploy.mk
+include tests/reliability/reliability.mk
 
 ##@ Cleanup
 

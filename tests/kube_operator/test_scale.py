@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from engram.history import HistoryStore
 from engram.keys import KeySpace
 from tests.kube_operator.conftest import Cluster, eventually, memory_namespace
+from tests.support.processes import stop_process
 from tests.support.redis_server import free_port
 
 COUNT = 100
@@ -61,13 +62,7 @@ class OperatorProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 @pytest.fixture

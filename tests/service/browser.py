@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 from websockets.sync.client import ClientConnection, connect
 
+from tests.support.processes import stop_process
+
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -122,9 +124,4 @@ class Chromium:
             yield Page(socket)
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)

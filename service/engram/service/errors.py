@@ -120,6 +120,8 @@ def install(app: FastAPI) -> None:
 
     async def http_error(_: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
+        if error.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): the contract's 422
+            return error_response(422, "invalid_request", f"invalid request: {error.detail}")
         code = _HTTP_CODES.get(error.status_code, "http_error")
         return error_response(error.status_code, code, str(error.detail), dict(error.headers or {}))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from engram.errors import NotFound
 from engram.keys import validate_session_id
@@ -16,6 +16,14 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RES
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
 Cursor = Annotated[str | None, Query(max_length=512, description="`next` of the previous page")]
+# checked by validate_session_id (422 invalid_session_id); the pattern is only published in the OpenAPI document
+SessionId = Annotated[
+    str,
+    Path(
+        description="1-128 of [A-Za-z0-9._-], starting alphanumeric",
+        json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+    ),
+]
 
 
 @router.get("", response_model=SessionList)
@@ -28,7 +36,7 @@ async def list_sessions(store: StoreDep, tenant: TenantDep, limit: Limit = 100, 
 
 @router.get("/{session_id}/messages", response_model=MessageList)
 async def list_messages(
-    session_id: str, store: StoreDep, tenant: TenantDep, limit: Limit = 100, cursor: Cursor = None
+    session_id: SessionId, store: StoreDep, tenant: TenantDep, limit: Limit = 100, cursor: Cursor = None
 ) -> MessageList:
     """A session's messages, oldest first (an unknown session has none)."""
     with metrics.redis_operation("messages"):
@@ -39,7 +47,7 @@ async def list_messages(
 @router.delete(
     "/{session_id}", status_code=204, responses={404: {"model": ErrorBody, "description": "no such session"}}
 )
-async def delete_session(session_id: str, store: StoreDep, tenant: TenantDep) -> Response:
+async def delete_session(session_id: SessionId, store: StoreDep, tenant: TenantDep) -> Response:
     """Delete the session and all its messages."""
     with metrics.redis_operation("delete"):
         deleted = await store.delete_session(tenant.name, validate_session_id(session_id))
