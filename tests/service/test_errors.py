@@ -147,6 +147,7 @@ def test_invalid_session_id_is_422(service: ServiceProcess, session_id: str) -> 
         (b'{"session_id": "s", "message": "hi", "turn_id": "bad turn id"}', "invalid_message"),
         (b'{"session_id": "s", "message": "\\ud800"}', "invalid_message"),
         (b"[]", "invalid_request"),
+        (b'{"session_id": "s", "message": "hi", "stream": 0}', "invalid_request"),
     ],
 )
 def test_malformed_chat_body_is_422(service: ServiceProcess, body: bytes, code: str) -> None:

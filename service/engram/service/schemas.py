@@ -31,7 +31,8 @@ class ChatRequest(BaseModel):
         description="idempotency key: a retry with the same turn_id returns the first result",
         json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
     )
-    stream: bool = Field(default=False, description="answer as text/event-stream: token events, then done")
+    # strict: JSON true/false only (0, 1 or "yes" are refused, as the published schema says)
+    stream: bool = Field(default=False, strict=True, description="answer as text/event-stream: token events, then done")
 
 
 class HistoryInfo(BaseModel):
