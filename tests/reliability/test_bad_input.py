@@ -18,7 +18,6 @@ import httpx
 import pytest
 import redis
 import schemathesis
-import schemathesis.specs.openapi.schemas
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -29,11 +28,6 @@ from engram.keys import SESSION_ID_PATTERN
 from tests.reliability.support import KEYS, TENANT, record
 from tests.service.support import ServiceProcess, service_env
 from tests.support.redis_server import RedisServer
-
-# schemathesis is a pytest plugin, so pytest rewrites its modules when they are first imported. Its
-# OpenAPI modules load lazily, and loading them inside a test, after hypothesis has changed the recursion
-# limit, trips a CPython 3.11.7 bug ("AST constructor recursion depth mismatch"). The import above loads
-# them at collection instead.
 
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr:hypothesis.errors.HypothesisWarning")
 
