@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.support.redis_server import quiet_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "run-local.sh"
@@ -65,21 +65,6 @@ STACKS = {
         ),
     )
 }
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def quiet_ports(count: int) -> list[int]:
-    """``count`` consecutive free ports below the kernel's ephemeral range (32768+), where other
-    processes' port-0 servers and outgoing connections do not land between our check and the bind."""
-    while True:
-        first = random.randrange(20_000, 31_000 - count)
-        ports = list(range(first, first + count))
-        if all(port_is_free(p) for p in ports):
-            return ports
 
 
 def clean_env(**overrides: str) -> dict[str, str]:

@@ -33,11 +33,13 @@ class StoredMessage:
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
-    """A message to append; ``tokens`` is filled in by the store at write time."""
+    """A message to append. ``tokens`` is counted once: by :meth:`HistoryStore.prepare` (so a caller
+    that needs the count before committing does not count twice), else by the store at write time."""
 
     role: str
     content: str
     extra: str | None = None
+    tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +59,6 @@ class Window:
     outcome: CacheOutcome
     tokens: int
     replay: CommittedTurn | None = None  # set when load_window(turn_id=...) found that turn committed
-
-    @property
-    def last_id(self) -> str | None:
-        return self.messages[-1].id if self.messages else None
 
 
 @dataclass(frozen=True, slots=True)

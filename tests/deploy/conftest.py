@@ -8,9 +8,8 @@ so the whole folder runs in seconds.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.support.redis_server import redis_server_binary as support_redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "engram"
@@ -108,14 +109,9 @@ def render_chart() -> Callable[..., Rendered]:
 
 @pytest.fixture(scope="session")
 def crd() -> dict[str, Any]:
-    if not CRD_FILE.exists():
-        pytest.skip(f"{CRD_FILE.relative_to(ROOT)} does not exist yet (the tenancy work adds it)")
     return yaml.safe_load(CRD_FILE.read_text())
 
 
 @pytest.fixture
-def redis_server_binary() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: run `make install` (Debian package redis-server)")
-    yield binary
+def redis_server_binary() -> str:
+    return support_redis_server_binary()

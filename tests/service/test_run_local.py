@@ -4,10 +4,8 @@ balancer by headless Chromium; Ctrl-C stops everything, and a second run finds t
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,23 +17,9 @@ import httpx
 from tests.service.browser import Page
 from tests.service.support import REPO
 from tests.service.test_web_page import ARTIFACTS, replies, send
+from tests.support.redis_server import port_is_free, quiet_ports
 
 SCRIPT = REPO / "scripts" / "run-local.sh"
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def quiet_ports(count: int) -> list[int]:
-    """``count`` consecutive free ports below the kernel's ephemeral range (32768+), where other tests'
-    port-0 servers and outgoing connections do not land between our check and the script's bind."""
-    while True:
-        first = random.randrange(20_000, 30_000)
-        ports = list(range(first, first + count))
-        if all(port_is_free(p) for p in ports):
-            return ports
 
 
 @contextmanager

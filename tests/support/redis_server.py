@@ -6,6 +6,7 @@ Started with AOF on and ``appendfsync always`` so a ``kill -9`` loses nothing th
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -14,6 +15,22 @@ import time
 from pathlib import Path
 
 import redis
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def quiet_ports(count: int) -> list[int]:
+    """``count`` consecutive free ports below the kernel's ephemeral range (32768+), where other
+    processes' port-0 servers and outgoing connections do not land between our check and the bind
+    (for scripts that take fixed ports, such as scripts/run-local.sh)."""
+    while True:
+        first = random.randrange(20_000, 31_000 - count)
+        ports = list(range(first, first + count))
+        if all(port_is_free(p) for p in ports):
+            return ports
 
 
 def free_port() -> int:

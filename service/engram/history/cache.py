@@ -147,6 +147,3 @@ class TailCache:
     def discard(self, key: str) -> None:
         if self._tails is not None:
             self._tails.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._tails) if self._tails is not None else 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -167,22 +168,33 @@ class HistoryStore:
     def _session(self, tenant: str, session_id: str) -> SessionKeys:
         return self.keys.session(validate_tenant(tenant), validate_session_id(session_id))
 
+    def validate(self, message: NewMessage) -> None:
+        """Raise the InvalidInput error that storing ``message`` would raise (role, content, size)."""
+        if message.role not in ROLES:
+            raise InvalidMessage(f"invalid role {message.role!r}: expected one of {sorted(ROLES)}")
+        if not isinstance(message.content, str):
+            raise InvalidMessage("message content must be a string")
+        if message.role == "user" and not message.content.strip() and message.extra is None:
+            raise InvalidMessage("message is empty")  # (a message of images only has its blocks in extra)
+        try:
+            size = len(message.content.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidMessage("message content is not valid Unicode (lone surrogate)") from None
+        if size > self.max_message_bytes:
+            raise MessageTooLarge(f"message of {size} bytes is over the limit of {self.max_message_bytes} bytes")
+
+    def prepare(self, message: NewMessage) -> NewMessage:
+        """``message`` validated and with its token count: the count the store writes with it."""
+        self.validate(message)
+        if message.tokens is not None:
+            return message
+        return dataclasses.replace(message, tokens=self.count_tokens(message.content))
+
     def _message_args(self, messages: Sequence[NewMessage]) -> list[str | int]:
-        """Validate messages and flatten them for the library, counting tokens once, here."""
+        """Flatten messages for the library, each validated and counted once."""
         args: list[str | int] = []
-        for message in messages:
-            if message.role not in ROLES:
-                raise InvalidMessage(f"invalid role {message.role!r}: expected one of {sorted(ROLES)}")
-            if not isinstance(message.content, str):
-                raise InvalidMessage("message content must be a string")
-            size = len(message.content.encode("utf-8", errors="surrogatepass"))
-            if size > self.max_message_bytes:
-                raise MessageTooLarge(f"message of {size} bytes is over the limit of {self.max_message_bytes} bytes")
-            try:
-                message.content.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidMessage("message content is not valid Unicode (lone surrogate)") from None
-            args += [message.role, message.content, self.count_tokens(message.content), message.extra or ""]
+        for message in map(self.prepare, messages):
+            args += [message.role, message.content, message.tokens or 0, message.extra or ""]
         return args
 
     # --- the hot path ---------------------------------------------------------------------------------
@@ -265,9 +277,6 @@ class HistoryStore:
             validate_turn_id(turn_id)
         if not messages:
             raise InvalidMessage("nothing to append")
-        for message in messages:
-            if message.role == "user" and not message.content.strip():
-                raise InvalidMessage("message is empty")
         args = self._message_args(messages)
         raw = await self._call_on_session(
             FN_COMMIT, keys, turn_id or "", policy.session_ttl_seconds, policy.max_messages_per_session,

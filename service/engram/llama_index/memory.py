@@ -26,7 +26,7 @@ from engram.history.cache import drop_unanswerable_start, fit_budget
 from engram.history.store import HistoryStore
 from engram.llama_index._runtime import Operation, StoreRuntime
 from engram.llama_index.convert import to_chat_message, to_new_message
-from engram.models import CommittedTurn, Policy, StoredMessage, Window
+from engram.models import CommittedTurn, NewMessage, Policy, StoredMessage, Window
 
 _ANSWER_ROLES = frozenset({"assistant", "model", "chatbot"})
 
@@ -45,7 +45,8 @@ class EngramMemory(BaseMemory):
     _runtime: StoreRuntime = PrivateAttr()
     _policy: Policy = PrivateAttr()
     _window: Window | None = PrivateAttr(default=None)
-    _pending: list[ChatMessage] = PrivateAttr(default_factory=list)
+    # put() but not yet committed: each message with its prepared form (validated, tokens counted once)
+    _pending: list[tuple[ChatMessage, NewMessage]] = PrivateAttr(default_factory=list)
     _committed: CommittedTurn | None = PrivateAttr(default=None)
 
     def __init__(self, *, store: HistoryStore, policy: Policy | None = None, **data: Any) -> None:
@@ -86,13 +87,11 @@ class EngramMemory(BaseMemory):
     def _stored(self) -> Operation[list[ChatMessage]]:
         async def operation(store: HistoryStore) -> list[ChatMessage]:
             stored = await store.all_messages(self.tenant, self.session_id)
-            return [to_chat_message(m) for m in stored] + list(self._pending)
+            return [to_chat_message(m) for m in stored] + [chat for chat, _ in self._pending]
 
         return operation
 
-    def _commit(self, turn: list[ChatMessage], turn_id: str | None) -> Operation[None]:
-        new = [to_new_message(m) for m in turn]
-
+    def _commit(self, new: list[NewMessage], turn_id: str | None) -> Operation[None]:
         async def operation(store: HistoryStore) -> None:
             self._committed = await store.append(self.tenant, self.session_id, new, self._policy, turn_id=turn_id)
             self._window = None  # the next get loads again (a hit or delta, from the cache)
@@ -122,15 +121,14 @@ class EngramMemory(BaseMemory):
         return self._runtime.call_sync(self._load())
 
     def _compose(self, window: Window, initial_token_count: int) -> list[ChatMessage]:
-        pending = [to_new_message(m) for m in self._pending]
-        pending_tokens = sum(self._runtime.home.count_tokens(m.content) for m in pending)
+        pending_tokens = sum(new.tokens or 0 for _, new in self._pending)
         budget = self.token_limit - initial_token_count - pending_tokens
         if budget < 0:
             raise ValueError(
                 f"initial token count {initial_token_count + pending_tokens} exceeds token limit {self.token_limit}"
             )
         history: list[StoredMessage] = drop_unanswerable_start(fit_budget(window.messages, budget))
-        return [to_chat_message(m) for m in history] + list(self._pending)
+        return [to_chat_message(m) for m in history] + [chat for chat, _ in self._pending]
 
     async def aget(self, input: str | None = None, **kwargs: Any) -> list[ChatMessage]:
         window = self._window if self._window is not None else await self.aload()
@@ -147,14 +145,14 @@ class EngramMemory(BaseMemory):
         return self._runtime.call_sync(self._stored())
 
     # --- writing ------------------------------------------------------------------------------------
-    def _take_turn(self, message: ChatMessage) -> list[ChatMessage] | None:
+    def _take_turn(self, message: ChatMessage) -> list[NewMessage] | None:
         """Add ``message`` to the pending turn; return the turn when it is complete (an answer)."""
-        self._pending.append(message)
-        role = message.role.value if hasattr(message.role, "value") else str(message.role)
-        if role not in _ANSWER_ROLES:
+        new = self._runtime.home.prepare(to_new_message(message))
+        self._pending.append((message, new))
+        if new.role not in _ANSWER_ROLES:
             return None
         turn, self._pending = self._pending, []
-        return turn
+        return [new for _, new in turn]
 
     async def aput(self, message: ChatMessage) -> None:
         if turn := self._take_turn(message):
@@ -168,7 +166,7 @@ class EngramMemory(BaseMemory):
         """Commit pending messages that no answer followed (e.g. a user message on its own)."""
         if self._pending:
             pending, self._pending = self._pending, []
-            await self._runtime.call(self._commit(pending, None))
+            await self._runtime.call(self._commit([new for _, new in pending], None))
 
     async def aset(self, messages: list[ChatMessage]) -> None:
         await self._runtime.call(self._replace(messages))

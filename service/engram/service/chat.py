@@ -27,11 +27,11 @@ from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.llms import LLM
 from llama_index.core.memory import ChatMemoryBuffer
 
-from engram.errors import EngramError, InvalidInput, InvalidMessage, MessageTooLarge, StoreUnavailable
+from engram.errors import EngramError, InvalidInput, MessageTooLarge, StoreUnavailable
 from engram.history.store import HistoryStore, validate_turn_id
 from engram.keys import validate_session_id
 from engram.llama_index import EngramMemory
-from engram.models import CacheOutcome, CommittedTurn, Tenant, Window, stream_id_key
+from engram.models import CacheOutcome, CommittedTurn, NewMessage, Tenant, Window, stream_id_key
 from engram.service import metrics
 from engram.service.errors import ModelFailed, describe
 from engram.service.schemas import ChatReply, ChatRequest, HistoryInfo
@@ -45,7 +45,6 @@ class TurnContext:
     llm: LLM
     tenant: Tenant
     served_by: str
-    max_message_bytes: int
     memory: bool = True  # False: ENGRAM_MEMORY=off, the stateless benchmark baseline
 
 
@@ -74,19 +73,11 @@ def validate_request(ctx: TurnContext, request: ChatRequest) -> str:
     A message must fit both the byte limit and the tenant's token limit (the model is given the
     message plus as much history as fits that limit: a message over it leaves no room even for itself).
     """
-    max_message_bytes = ctx.max_message_bytes
     validate_session_id(request.session_id)
     turn_id = validate_turn_id(request.turn_id) if request.turn_id is not None else uuid.uuid4().hex
-    if not request.message.strip():
-        raise InvalidMessage("message is empty")
-    try:
-        size = len(request.message.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidMessage("message is not valid Unicode (lone surrogate)") from None
-    if size > max_message_bytes:
-        raise MessageTooLarge(f"message of {size} bytes is over the limit of {max_message_bytes} bytes")
+    ctx.store.validate(NewMessage("user", request.message))  # the store's own rules, before the model runs
     token_limit = ctx.tenant.policy.token_limit
-    if size > token_limit:  # a token is at least one byte: only then can it be over
+    if len(request.message.encode("utf-8")) > token_limit:  # a token is at least one byte: only then can it be over
         tokens = ctx.store.count_tokens(request.message)
         if tokens > token_limit:
             raise MessageTooLarge(f"message of {tokens} tokens is over the token limit of {token_limit}")

@@ -62,7 +62,6 @@ def get_turn_context(resources: ResourcesDep, tenant: TenantDep) -> TurnContext:
         llm=resources.llm,
         tenant=tenant,
         served_by=resources.served_by,
-        max_message_bytes=resources.settings.max_message_bytes,
         memory=resources.settings.memory == "on",
     )
 
