@@ -3,8 +3,10 @@ SHELL = /usr/bin/env bash -o pipefail
 .SHELLFLAGS = -ec
 .DEFAULT_GOAL := help
 
-UV_VERSION ?= 0.13.9
-UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# uv: found on PATH, else installed (pinned) into .tools/uv by scripts/ensure-uv.sh at recipe run time.
+# Override with `make UV=/path/to/uv`. Never computed at parse time: make expands a recipe before running it.
+export UV_VERSION ?= 0.13.9
+export UV
 VENV := .venv
 PY := $(VENV)/bin/python
 REPLICAS ?= 3
@@ -22,10 +24,7 @@ help: ## List every target with what it does
 
 .PHONY: install
 install: ## Install uv (if missing), Python deps from uv.lock into .venv, and redis-server/haproxy/chromium
-	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)" || \
-	  { echo "error: could not install uv; install it (pip install uv) and retry" >&2; exit 1; }
-	$(eval UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv))
-	$(UV) sync --frozen --quiet
+	@uv="$$(scripts/ensure-uv.sh)"; echo "$$uv sync --frozen --quiet --compile-bytecode"; "$$uv" sync --frozen --quiet --compile-bytecode
 	scripts/ensure-system-packages.sh
 
 .PHONY: test

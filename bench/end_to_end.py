@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +34,11 @@ from typing import Any
 
 import httpx
 
+from tests.support.local_stack import LocalStack, clean_env
+from tests.support.processes import stop_process
 from tests.support.redis_server import quiet_ports
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "run-local.sh"
 
 
 @dataclass(frozen=True)
@@ -67,33 +66,26 @@ STACKS = {
 }
 
 
-def clean_env(**overrides: str) -> dict[str, str]:
-    """This environment minus inherited ENGRAM_*/metrics settings, plus ``overrides``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENGRAM_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(overrides)
-    return env
-
-
-class LocalStack:
-    """One `scripts/run-local.sh` (redis-server + replicas + HAProxy); stopped with SIGINT, as Ctrl-C."""
+class Stack:
+    """One `scripts/run-local.sh` (redis-server + replicas + HAProxy) in its own process group; stopped
+    with SIGINT, as Ctrl-C, and nothing it started can outlive it (tests.support.local_stack)."""
 
     def __init__(self, spec: StackSpec, ports: list[int], run_dir: Path, replicas: int, workers: int) -> None:
         self.spec = spec
         self.port, self.redis_port, self.replica_base = ports[0], ports[1], ports[2]
-        self.env = clean_env(
-            REPLICAS=str(replicas),
-            WORKERS=str(workers),
-            PORT=str(self.port),
-            REDIS_PORT=str(self.redis_port),
-            REPLICA_BASE_PORT=str(self.replica_base),
-            RUN_DIR=str(run_dir),
-            PYTHON=sys.executable,
-            ENGRAM_AUTH="disabled",  # the same for every stack: the benchmark measures memory, not API keys
-            **spec.env,
+        self.local = LocalStack(
+            clean_env(
+                REPLICAS=str(replicas),
+                WORKERS=str(workers),
+                PORT=str(self.port),
+                REDIS_PORT=str(self.redis_port),
+                REPLICA_BASE_PORT=str(self.replica_base),
+                RUN_DIR=str(run_dir),
+                PYTHON=sys.executable,
+                ENGRAM_AUTH="disabled",  # the same for every stack: the benchmark measures memory, not API keys
+                **spec.env,
+            )
         )
-        self.process: subprocess.Popen[str] | None = None
-        self.output: list[str] = []
-        self.ready = threading.Event()
 
     @property
     def url(self) -> str:
@@ -103,38 +95,20 @@ class LocalStack:
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
-    def spawn(self) -> LocalStack:
-        self.process = subprocess.Popen(
-            ["bash", str(SCRIPT)], env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        threading.Thread(target=self._drain, daemon=True).start()
+    def spawn(self) -> Stack:
+        self.local.spawn()
         return self
 
-    def wait_ready(self, timeout: float = 240.0) -> LocalStack:
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while not self.ready.wait(0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"stack {self.spec.name} did not start:\n" + "".join(self.output[-40:]))
+    def wait_ready(self, timeout: float = 240.0) -> Stack:
+        try:
+            self.local.wait_ready(timeout)
+        except RuntimeError as error:
+            raise RuntimeError(f"stack {self.spec.name}: {error}") from None
         return self
-
-    def _drain(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        for line in self.process.stdout:
-            self.output.append(line)
-            if "ready. Press Ctrl-C" in line:
-                self.ready.set()
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)  # what Ctrl-C sends: the script stops everything it started
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.local.process is not None:
+            self.local.stop()
 
 
 def loadgen(url: str, sessions: int, turns: int, concurrency: int, keepalive: bool) -> dict[str, Any]:
@@ -170,7 +144,9 @@ def time_to_ready(redis_url: str, log: Path, timeout: float = 120.0) -> float:
     env = clean_env(ENGRAM_REDIS_URL=redis_url, ENGRAM_AUTH="disabled")
     with log.open("ab") as out:
         started = time.perf_counter()
-        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         with httpx.Client(timeout=1.0) as client:
             while True:
@@ -183,12 +159,7 @@ def time_to_ready(redis_url: str, log: Path, timeout: float = 120.0) -> float:
                     raise RuntimeError(f"engram serve did not become ready; see {log}")
                 time.sleep(0.01)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=15)
 
 
 @dataclass
@@ -277,12 +248,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_stack = args.replicas + 2
     ports = quiet_ports(per_stack * len(names))
     results = {name: StackRuns(STACKS[name]) for name in names}
-    stacks: dict[str, LocalStack] = {}
+    stacks: dict[str, Stack] = {}
     with tempfile.TemporaryDirectory(prefix="engram-e2e-") as tmp:
         try:
             for i, name in enumerate(names):  # all start at once (their start-up is not what is measured)
                 block = ports[i * per_stack : (i + 1) * per_stack]
-                stacks[name] = LocalStack(STACKS[name], block, Path(tmp) / name, args.replicas, args.workers).spawn()
+                stacks[name] = Stack(STACKS[name], block, Path(tmp) / name, args.replicas, args.workers).spawn()
             for name, stack in stacks.items():
                 stack.wait_ready()
                 print(f"[e2e] {name:<9} up at {stack.url}", flush=True)

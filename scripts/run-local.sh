@@ -13,6 +13,7 @@
 #   REDIS_PORT=6390          the local redis-server
 #   RUN_DIR=.run             data, logs, rendered configs
 #   WORKERS=1                uvicorn workers per replica
+#   STOP_GRACE=5             seconds each process gets after SIGTERM on Ctrl-C before it is SIGKILLed
 #   LB_AFFINITY=none         none: round-robin per request; session: HAProxy hashes the X-Session-Id header
 #                            so a conversation stays on one replica (for the benchmark's comparison only)
 #   ENGRAM_AUTH=required     default: API keys checked; a tenant "demo" is created (its key kept in
@@ -20,6 +21,7 @@
 #                            ENGRAM_AUTH=disabled serves everyone as tenant "default". Any ENGRAM_* is passed on.
 set -euo pipefail
 
+started_at="$EPOCHREALTIME"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO="$(pwd)"
 
@@ -64,9 +66,9 @@ HAPROXY="$(find_bin haproxy)"
 [[ -n "$REDIS_SERVER" && -n "$HAPROXY" ]] || die "redis-server or haproxy is still missing"
 
 if [[ ! -x "$PYTHON" ]]; then
-    command -v uv >/dev/null || die "no $PYTHON and no uv to create it: install uv, then run 'uv sync'"
+    uv="$("$REPO/scripts/ensure-uv.sh")" || die "no $PYTHON and no uv to create it (see above)"
     say "creating the virtual environment with uv sync"
-    uv sync --quiet
+    "$uv" sync --frozen --quiet --compile-bytecode
 fi
 
 # --- ports must be free ---------------------------------------------------------------------------------
@@ -80,13 +82,41 @@ done
 mkdir -p "$RUN_DIR/redis" "$RUN_DIR/logs" "$RUN_DIR/metrics"
 RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 
-# --- stop everything on Ctrl-C ------------------------------------------------------------------------
+# --- stop everything on Ctrl-C or SIGTERM, in bounded time ------------------------------------------------
+# The load balancer and replicas get SIGTERM first (uvicorn finishes in-flight turns), then Redis, so no
+# commit is cut off by its store going away. Whatever has not exited after STOP_GRACE seconds is
+# SIGKILLed and named: a stuck replica or a keep-alive client cannot hold Ctrl-C hostage.
+STOP_GRACE="${STOP_GRACE:-5}"
+[[ "$STOP_GRACE" =~ ^[0-9]+$ ]] || die "STOP_GRACE must be a whole number of seconds, got '$STOP_GRACE'"
 pids=()
 names=()
+alive() { kill -0 "$1" 2>/dev/null; }
+stop_group() {  # stop_group INDEX...: TERM them, wait up to STOP_GRACE s, KILL (and name) what is left
+    local index deadline=$((SECONDS + STOP_GRACE)) left
+    for index in "$@"; do kill -TERM "${pids[$index]}" 2>/dev/null || true; done
+    while :; do
+        left=()
+        for index in "$@"; do alive "${pids[$index]}" && left+=("$index"); done
+        ((${#left[@]} == 0)) && return 0
+        ((SECONDS < deadline)) || break
+        sleep 0.1
+    done
+    for index in "${left[@]}"; do
+        say "${names[$index]} (pid ${pids[$index]}) did not stop within ${STOP_GRACE}s of SIGTERM: killing it"
+        # a replica's uvicorn workers are its children: take them with it
+        pkill -KILL -P "${pids[$index]}" 2>/dev/null || true
+        kill -KILL "${pids[$index]}" 2>/dev/null || true
+    done
+}
 cleanup() {
     trap - INT TERM EXIT
+    local index front=() back=()
+    for index in "${!pids[@]}"; do
+        if [[ "${names[$index]}" == redis ]]; then back+=("$index"); else front+=("$index"); fi
+    done
     say "stopping ${#pids[@]} processes"
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    ((${#front[@]} == 0)) || stop_group "${front[@]}"
+    ((${#back[@]} == 0)) || stop_group "${back[@]}"
     wait 2>/dev/null || true
     say "stopped; conversations are kept in $RUN_DIR/redis"
 }
@@ -181,7 +211,8 @@ done
 say "  redis       redis://127.0.0.1:$REDIS_PORT/0   (AOF on, data in $RUN_DIR/redis)"
 say "  logs        $RUN_DIR/logs/"
 say "  load test   $PYTHON -m engram.service loadgen --url http://$host:$PORT --sessions 20 --turns 10 --concurrency 5${page_fragment:+ --api-key \$(cat $RUN_DIR/demo-api-key)}"
-say "ready. Press Ctrl-C to stop everything."
+ready_in="$(awk -v a="$started_at" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
+say "ready in ${ready_in}s. Press Ctrl-C to stop everything."
 
 # --- watch until Ctrl-C -----------------------------------------------------------------------------------
 declare -A reported=()

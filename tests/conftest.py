@@ -1,13 +1,61 @@
-"""Fixtures shared by every test: real redis-server processes on free ports (no fakes)."""
+"""Fixtures shared by every test: real redis-server processes on free ports (no fakes); and the check
+that no process a test started outlives the test run."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.processes import LEAK_MARKER, ProcessInfo, tagged_processes
 from tests.support.redis_server import RedisServer
+
+# Seconds a process may take to vanish after the last test's teardown (a SIGTERMed child may still be exiting).
+LEFTOVER_GRACE = 10.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Inherited by every process the tests start (unless a test builds an environment from nothing),
+    # so the end-of-run check finds leftovers even after they were re-parented to PID 1.
+    os.environ[LEAK_MARKER] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def kill_leftovers() -> list[ProcessInfo]:
+    """Processes this test run started that are still alive after a bounded wait for them to exit;
+    SIGKILLed, so the machine is left clean either way."""
+    deadline = time.monotonic() + LEFTOVER_GRACE
+    while True:
+        left = tagged_processes(os.environ[LEAK_MARKER], exclude={os.getpid()})
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for info in left:
+        try:
+            os.kill(info.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any process it started (redis-server, uvicorn, haproxy, chromium, ...) outlived it."""
+    left = kill_leftovers()
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{len(left)} process(es) started by the tests outlived them (now killed):"]
+    lines += [f"  {info}" for info in left]
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line, red=True)
+        else:
+            print(line)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

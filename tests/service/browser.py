@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -102,6 +103,7 @@ class Chromium:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its zygote and renderers stop with it (stop_process kills the group)
         )
         assert self.process.stderr is not None
         deadline = time.monotonic() + 30
@@ -115,6 +117,8 @@ class Chromium:
         if not self.port:
             self.close()
             raise RuntimeError("chromium did not open its DevTools port")
+        # Keep reading its stderr: a full pipe would block Chromium mid-test.
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()
 
     @contextmanager
     def page(self) -> Iterator[Page]:

@@ -6,70 +6,40 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 from tests.service.browser import Page
-from tests.service.support import REPO
 from tests.service.test_web_page import ARTIFACTS, replies, send
+from tests.support.local_stack import LocalStack, clean_env
+from tests.support.processes import group_members
 from tests.support.redis_server import port_is_free, quiet_ports
 
-SCRIPT = REPO / "scripts" / "run-local.sh"
 
-
-@contextmanager
-def local_stack(env: dict[str, str], output: Path) -> Iterator[subprocess.Popen[str]]:
-    with output.open("a") as log:
-        process = subprocess.Popen(
-            ["bash", str(SCRIPT)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert process.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 120
-        try:
-            for line in process.stdout:
-                log.write(line)
-                lines.append(line)
-                if "ready. Press Ctrl-C" in line:
-                    log.flush()
-                    break
-                if time.monotonic() > deadline:
-                    break
-            else:
-                raise AssertionError("run-local.sh exited early:\n" + "".join(lines))
-            yield process
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)  # what Ctrl-C sends
-                try:
-                    rest, _ = process.communicate(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    rest, _ = process.communicate()
-                log.write(rest)
-                log.flush()
-
-
-def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_runs(tmp_path: Path, page: Page) -> None:
-    lb, redis_port, base, _ = quiet_ports(4)  # the last two: replicas base and base + 1
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENGRAM_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(
-        REPLICAS="2",
+def stack_env(run_dir: Path, ports: list[int], replicas: int, **extra: str) -> dict[str, str]:
+    lb, redis_port, base = ports[:3]
+    return clean_env(
+        REPLICAS=str(replicas),
         PORT=str(lb),
         REPLICA_BASE_PORT=str(base),
         REDIS_PORT=str(redis_port),
-        RUN_DIR=str(tmp_path / "run"),
+        RUN_DIR=str(run_dir),
+        **extra,
     )
+
+
+def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_runs(tmp_path: Path, page: Page) -> None:
+    ports = quiet_ports(4)  # load balancer, redis, replicas base and base + 1
+    lb, redis_port, base, _ = ports
+    env = stack_env(tmp_path / "run", ports, replicas=2)
     url = f"http://127.0.0.1:{lb}"
     output = tmp_path / "run-local.out"
 
-    with local_stack(env, output) as stack:
-        printed = output.read_text()
+    with LocalStack(env, log=output) as stack:
+        printed = stack.output
+        assert re.search(r"ready in \d+\.\d+s\. Press Ctrl-C", printed), printed
         # Auth is on by default: the printed page URL carries the demo tenant's key in its fragment.
         found = re.search(rf"chat page   ({re.escape(url)}/#key=(egk_demo\.\S+))", printed)
         assert found, printed
@@ -99,18 +69,48 @@ def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_ru
             found = re.search(r'^engram_turns_total\{outcome="ok"\} (\d+)\.0$', text, re.M)
             turns_per_replica.append(int(found.group(1)) if found else 0)
         assert sorted(turns_per_replica)[0] >= 1 and sum(turns_per_replica) == len(said)
-        assert stack.poll() is None
+        assert stack.process is not None and stack.process.poll() is None
 
-    assert stack.returncode == 130
-    assert "stopped; conversations are kept in" in output.read_text()
+    assert stack.process.returncode == 130  # the script exited on its own after Ctrl-C...
+    assert stack.leftovers == []  # ...having stopped everything it started
+    assert "stopped; conversations are kept in" in stack.output
+    assert "killing it" not in stack.output
     for port in (lb, base, base + 1, redis_port):
         assert port_is_free(port), f"port {port} still open after Ctrl-C"
 
-    with local_stack({**env, "REPLICAS": "1"}, output):
-        assert demo_key in output.read_text()  # the second run reuses the demo tenant and its key
+    with LocalStack({**env, "REPLICAS": "1"}, log=output) as again:
+        assert demo_key in again.output  # the second run reuses the demo tenant and its key
         page.navigate(url + "/")  # same browser profile: same session id and key, history from Redis's AOF
         page.wait_for("document.querySelectorAll('#messages .msg').length === 8")
         send(page, "and what did I ask you?", len(said))
         last = replies(page)[-1]
         assert f'"{said[-1]}"' in last["text"]
         assert last["messages"] == str(2 * len(said))
+
+
+def test_stop_is_bounded_when_a_replica_hangs_and_a_client_holds_a_keep_alive_connection(tmp_path: Path) -> None:
+    ports = quiet_ports(4)
+    lb, redis_port, base, _ = ports
+    grace = 2
+    stack = LocalStack(stack_env(tmp_path / "run", ports, replicas=2, ENGRAM_AUTH="disabled", STOP_GRACE=str(grace)))
+    with stack, httpx.Client(base_url=f"http://127.0.0.1:{lb}") as client:
+        assert client.post("/v1/chat", json={"session_id": "s", "message": "hi"}).status_code == 200
+        assert stack.process is not None
+        [hung] = [
+            p
+            for p in group_members(stack.process.pid)
+            if "engram.service serve" in p.command and f"--port {base} " in p.command + " "
+        ]
+        os.kill(hung.pid, signal.SIGSTOP)  # a replica that will never act on SIGTERM
+        stopping = time.monotonic()
+        returncode = stack.stop(signal.SIGTERM)  # what `kill`, systemd or a CI runner sends
+        took = time.monotonic() - stopping
+        # the keep-alive client connection is still open here: it must not hold the stop up either
+
+    assert returncode == 143, stack.output  # the script stopped itself (the harness kills only at 40 s)
+    assert f"replica-1 (pid {hung.pid}) did not stop within {grace}s of SIGTERM: killing it" in stack.output
+    assert stack.leftovers == [], stack.leftovers
+    assert "stopped; conversations are kept in" in stack.output
+    for port in (lb, redis_port, base, base + 1):
+        assert port_is_free(port), f"port {port} still open after SIGTERM"
+    print(f"run-local.sh stopped in {took:.1f} s with one replica hung (STOP_GRACE={grace})")
