@@ -1,5 +1,5 @@
-"""Redis clients configured the way Engram expects: short timeouts, so an unreachable Redis turns
-into a fast, clear error (HTTP 503) instead of a hang."""
+"""Redis clients configured the way Engram expects: bounded timeouts, so an unreachable Redis turns
+into a clear error (HTTP 503) instead of a hang, and a burst waits for a connection instead of failing."""
 
 from __future__ import annotations
 
@@ -20,12 +20,15 @@ def create_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
     credentials: dict[str, Any] = {
         key: value for key, value in (("username", settings.redis_username), ("password", password)) if value
     }
-    return aioredis.Redis.from_url(
+    # A blocking pool: a burst above max_connections waits (up to redis_pool_timeout) for a connection
+    # to come back instead of failing at once with MaxConnectionsError.
+    pool = aioredis.BlockingConnectionPool.from_url(
         url or settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout,
         decode_responses=True,
         socket_timeout=settings.redis_socket_timeout,
         socket_connect_timeout=settings.redis_connect_timeout,
-        max_connections=settings.redis_max_connections,
         health_check_interval=30,
         # One quick retry covers a dropped idle connection. Timeouts are not retried: a hung Redis
         # must turn into a 503 after one socket timeout, not two.
@@ -33,3 +36,4 @@ def create_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
         client_name="engram",
         **credentials,
     )
+    return aioredis.Redis.from_pool(pool)

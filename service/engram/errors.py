@@ -10,7 +10,10 @@ The tree::
     │   ├── MessageTooLarge
     │   └── InvalidCursor
     ├── NotFound                      the session (or message) does not exist
+    ├── StoreFull                     Redis is at maxmemory and refuses writes; nothing was written
     └── StoreUnavailable              Redis could not be reached or timed out; nothing was written
+        ├── StoreReadOnly             Redis is a read-only replica (e.g. during a failover)
+        └── OutcomeUnknown            a write was sent but no answer came: it may or may not have landed
 
 Each carries a stable ``code`` that the HTTP layer puts in its JSON error body.
 """
@@ -52,3 +55,26 @@ class NotFound(EngramError, LookupError):
 
 class StoreUnavailable(EngramError, ConnectionError):
     code = "store_unavailable"
+
+
+class StoreFull(EngramError):
+    """Redis is at its ``maxmemory`` and refuses writes (``-OOM``). Deletes still work."""
+
+    code = "store_full"
+
+
+class StoreReadOnly(StoreUnavailable):
+    """Redis answered ``-READONLY``: it is a replica. Writes work again once a primary is back."""
+
+    code = "store_read_only"
+
+
+class OutcomeUnknown(StoreUnavailable):
+    """A write was sent and Redis did not answer in time: it may still run (a frozen or slow Redis
+    executes what it has queued). Retrying the same ``turn_id`` is safe: a turn is never stored twice."""
+
+    code = "outcome_unknown"
+
+    def __init__(self, message: str, turn_id: str) -> None:
+        super().__init__(message)
+        self.turn_id = turn_id

@@ -22,9 +22,15 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis://, rediss://, unix://)")
     redis_username: str | None = Field(None, description="Redis ACL user (overrides the URL's)")
     redis_password: SecretStr | None = Field(None, description="Redis password (overrides the URL's)")
-    redis_socket_timeout: float = Field(1.0, gt=0, le=30, description="seconds before a Redis call fails")
-    redis_connect_timeout: float = Field(0.5, gt=0, le=30, description="seconds to open a connection")
-    redis_max_connections: int = Field(64, ge=1, le=10_000)
+    # The timeouts are wall-clock seconds on this process's event loop, so they include time the loop
+    # spends on other requests: short enough that a hung Redis fails a turn quickly, long enough that a
+    # busy replica does not mistake its own queue for a Redis outage.
+    redis_socket_timeout: float = Field(5.0, gt=0, le=60, description="seconds before a Redis call fails")
+    redis_connect_timeout: float = Field(2.0, gt=0, le=60, description="seconds to open a connection")
+    redis_max_connections: int = Field(64, ge=1, le=10_000, description="connections per process")
+    redis_pool_timeout: float = Field(
+        5.0, gt=0, le=60, description="seconds a call waits for a free connection when all are busy, then 503"
+    )
     namespace: str = Field("engram", description="first segment of every Redis key")
 
     # --- memory policy (defaults; a tenant's registry record may override) ------------------------------

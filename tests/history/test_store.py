@@ -197,7 +197,7 @@ async def test_a_turn_costs_two_commands_at_the_server(redis_server: RedisServer
                 break
             if event.get("client_type") != "lua":
                 seen.append(event["command"].split()[0].upper())
-    assert seen == ["FCALL_RO", "FCALL"]
+    assert seen == ["FCALL", "FCALL"]  # load (write-checked, see engram.lua), commit
 
 
 async def test_paging_through_messages_returns_each_once_in_order(store: HistoryStore) -> None:

@@ -4,6 +4,10 @@ Modes:
 - ``reply``: answers ``/v1/chat/completions`` after ``delay`` seconds, JSON or (``stream: true``)
   server-sent chunks ``pieces`` of them, ``piece_delay`` seconds apart.
 - ``hang``: accepts the connection, reads the request and never answers (a model that timed out).
+- ``echo-error``: answers 500 with a body that echoes the request's headers, Authorization included
+  (as some proxies and model servers do in their error pages).
+
+``arrived`` is set when a request has been read: a test can act while the model is "thinking".
 
 It runs its own event loop in a thread so that synchronous tests can use it as a context manager.
 """
@@ -17,7 +21,7 @@ from typing import Any, Literal
 
 from tests.support.redis_server import free_port
 
-Mode = Literal["reply", "hang"]
+Mode = Literal["reply", "hang", "echo-error"]
 
 
 class FakeModel:
@@ -29,6 +33,8 @@ class FakeModel:
         self.port = free_port()
         self.requests = 0
         self.streams_finished = 0
+        self.arrived = threading.Event()
+        self.last_headers = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -77,8 +83,16 @@ class FakeModel:
             if request is None:
                 return
             self.requests += 1
+            self.arrived.set()
             if self.mode == "hang":
                 await self._stop_or(3600)
+                return
+            if self.mode == "echo-error":
+                body = json.dumps({"error": {"message": f"upstream rejected the request:\n{self.last_headers}"}})
+                head = "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                head += f"Content-Length: {len(body)}\r\n"
+                writer.write(head.encode() + b"Connection: close\r\n\r\n" + body.encode())
+                await writer.drain()
                 return
             await asyncio.sleep(self.delay)
             if request.get("stream"):
@@ -102,6 +116,7 @@ class FakeModel:
 
     async def _read_request(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
         head = await reader.readuntil(b"\r\n\r\n")
+        self.last_headers = head.decode("latin-1")
         length = 0
         for line in head.decode("latin-1").split("\r\n")[1:]:
             name, _, value = line.partition(":")

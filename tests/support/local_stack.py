@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.support.processes import ProcessInfo, kill_group
+from tests.support.processes import ProcessInfo, group_members, kill_group
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "run-local.sh"
@@ -41,6 +41,7 @@ class LocalStack:
         self.process: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self.leftovers: list[ProcessInfo] = []
+        self.stuck: list[ProcessInfo] = []  # what was still running when stop() gave up waiting
         self._ready = threading.Event()
         self._drained = threading.Event()
         self._stopped = False
@@ -99,6 +100,8 @@ class LocalStack:
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                # Keep what was still running and what the script said, for the failure report.
+                self.stuck = group_members(self.process.pid)
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.leftovers = kill_group(self.process.pid)

@@ -86,7 +86,7 @@ async def test_the_tenant_user_cannot_read_another_tenants_session(acme: aioredi
         lambda: acme.hget(other.meta, "epoch"),
         lambda: acme.zrange(other.index, 0, -1),
         lambda: acme.zcard(other.index),
-        lambda: acme.fcall_ro(FN_LOAD, 5, other.log, other.meta, other.turns, other.index, other.archive),
+        lambda: acme.fcall(FN_LOAD, 5, other.log, other.meta, other.turns, other.index, other.archive),
         lambda: history(acme).load_window("acme-2", acme2_session, token_budget=1000),
         lambda: history(acme).list_sessions("acme-2"),
     ):

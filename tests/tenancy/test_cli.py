@@ -90,6 +90,17 @@ def test_the_redis_password_goes_to_a_private_file_and_logs_in(
         assert tenant.ping()
 
 
+def test_the_password_file_is_private_even_if_it_existed_readable_by_others(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "acme.password"
+    path.write_text("old\n")
+    path.chmod(0o644)
+    assert run(capsys, "create", "acme", "--redis-password-file", str(path))[0] == EXIT_OK
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert path.read_text().strip() != "old"
+
+
 def test_list_shows_tenants_with_their_policy(capsys: pytest.CaptureFixture[str]) -> None:
     run(capsys, "create", "beta", "--ttl", "0")
     run(capsys, "create", "acme")

@@ -211,9 +211,14 @@ local function take_oldest(keys, args)
   return taken
 end
 
-redis.register_function { function_name = 'engram_v1_load', callback = load_window, flags = { 'no-writes' } }
+-- load writes nothing, but is NOT flagged no-writes on purpose: a turn's load must be refused (OOM at
+-- maxmemory, READONLY on a replica) exactly when the commit after it would be, before the model runs.
+redis.register_function('engram_v1_load', load_window)
+-- writable: refused by Redis whenever a write would be (OOM, READONLY, NOREPLICAS); /readyz calls it.
+redis.register_function('engram_v1_writable', function() return 1 end)
 redis.register_function('engram_v1_commit', commit)
 redis.register_function('engram_v1_replace', replace)
 redis.register_function('engram_v1_delete_at', delete_at)
-redis.register_function('engram_v1_delete_session', delete_session)
+-- allow-oom: deleting must work on a full Redis, or a tenant could never free space.
+redis.register_function { function_name = 'engram_v1_delete_session', callback = delete_session, flags = { 'allow-oom' } }
 redis.register_function('engram_v1_take_oldest', take_oldest)

@@ -24,6 +24,7 @@ FN_REPLACE = "engram_v1_replace"
 FN_DELETE_AT = "engram_v1_delete_at"
 FN_DELETE_SESSION = "engram_v1_delete_session"
 FN_TAKE_OLDEST = "engram_v1_take_oldest"
+FN_WRITABLE = "engram_v1_writable"
 
 # Every command a user of Engram's history store sends, or that the library runs on its behalf (ACLs
 # apply inside functions too). This is the explicit allow-list for tenant and service Redis users:
@@ -33,8 +34,8 @@ TENANT_COMMANDS: tuple[str, ...] = (
     "ping",  # readiness checks
     "client|setinfo",  # redis-py's connection handshake (library name/version)
     "client|setname",  # connections are named "engram", so CLIENT LIST shows who is who
-    "fcall",  # commit, replace, delete_at, delete_session
-    "fcall_ro",  # load_window (runs on read replicas too)
+    "fcall",  # load (write-checked), commit, replace, delete_at, delete_session, writable
+    "fcall_ro",  # read-only functions
     "xrange",  # paging through a session's messages
     "xrevrange",
     "xlen",  # message counts

@@ -25,10 +25,10 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from engram.errors import InvalidCursor, InvalidMessage, MessageTooLarge, StoreUnavailable
+from engram.errors import InvalidCursor, InvalidMessage, MessageTooLarge, StoreFull, StoreReadOnly, StoreUnavailable
 from engram.history.cache import LoadReply, LoadRequest, TailCache, drop_unanswerable_start, merge
 from engram.history.functions import (
     FN_COMMIT,
@@ -37,6 +37,7 @@ from engram.history.functions import (
     FN_LOAD,
     FN_REPLACE,
     FN_TAKE_OLDEST,
+    FN_WRITABLE,
     ensure_library,
 )
 from engram.keys import SESSION_ID_PATTERN, KeySpace, SessionKeys, validate_session_id, validate_tenant
@@ -138,6 +139,10 @@ class HistoryStore:
             yield
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
             raise StoreUnavailable(f"Redis is unavailable: {error}") from error
+        except OutOfMemoryError as error:
+            raise StoreFull("Redis is full (maxmemory reached): it refuses writes until space is freed") from error
+        except ReadOnlyError as error:  # a replica, e.g. during a failover: writes come back with the primary
+            raise StoreReadOnly("Redis is read-only (a replica): it refuses writes") from error
 
     async def _call(self, make_call: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis call; load the function library once if Redis says it is missing."""
@@ -164,6 +169,11 @@ class HistoryStore:
     async def ping(self) -> bool:
         async with self._redis_errors():
             return bool(await self.client.ping())
+
+    async def check_writable(self) -> None:
+        """Raise :class:`StoreFull` or :class:`StoreUnavailable` unless Redis would take a commit now
+        (it answers, is a primary, and is under maxmemory): a write-flagged function that writes nothing."""
+        await self._call(lambda: self.client.fcall(FN_WRITABLE, 0))
 
     def _session(self, tenant: str, session_id: str) -> SessionKeys:
         return self.keys.session(validate_tenant(tenant), validate_session_id(session_id))
@@ -213,8 +223,10 @@ class HistoryStore:
             raise InvalidMessage("token budget must not be negative")
         tail = self.cache.get(keys.log)
         request = LoadRequest.for_tail(tail, token_budget)
+        # FCALL of a write-flagged function: Redis refuses it (OOM, READONLY) exactly when it would refuse
+        # the commit that follows, so a turn fails before its model runs, not after.
         raw = await self._call(
-            lambda: self.client.fcall_ro(
+            lambda: self.client.fcall(
                 FN_LOAD,
                 3,
                 keys.log,

@@ -123,6 +123,8 @@ def _tenant_registry(settings: Settings, redis: aioredis.Redis) -> KeyResolver |
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    for secret in (settings.llm_api_key, settings.redis_password):  # masked in any error text we log
+        errors.register_secret(secret.get_secret_value() if secret else None)
     redis = create_redis(settings)
     store = HistoryStore(
         redis,

@@ -7,7 +7,9 @@ from Redis (two round trips: load the window, commit the pair), so any replica c
                                    ->  model    -> commit user+reply with turn_id (2)
                                                    duplicate? -> answer the reply stored first
 
-A model failure commits nothing (502); Redis trouble commits nothing (503).
+A model failure commits nothing (502). Redis trouble before the commit commits nothing (503
+``store_unavailable``; 507 ``store_full`` when Redis is at maxmemory, found by the load, before the model
+runs); a commit that got no answer is 503 ``outcome_unknown`` with the turn id to retry with.
 
 ``ENGRAM_MEMORY=off`` is a benchmark baseline, not a mode to serve users with: the same engine and model
 over a memory that starts empty and is dropped after the turn, so nothing is loaded or stored and the
@@ -16,6 +18,7 @@ model is given only the new message (``history.cache`` is then ``off``).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -27,14 +30,16 @@ from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.llms import LLM
 from llama_index.core.memory import ChatMemoryBuffer
 
-from engram.errors import EngramError, InvalidInput, MessageTooLarge, StoreUnavailable
+from engram.errors import EngramError, InvalidInput, MessageTooLarge, OutcomeUnknown, StoreFull, StoreUnavailable
 from engram.history.store import HistoryStore, validate_turn_id
 from engram.keys import validate_session_id
 from engram.llama_index import EngramMemory
 from engram.models import CacheOutcome, CommittedTurn, NewMessage, Tenant, Window, stream_id_key
 from engram.service import metrics
-from engram.service.errors import ModelFailed, describe
+from engram.service.errors import ModelFailed, TurnIdReused, error_content, redact, summarize_model_error
 from engram.service.schemas import ChatReply, ChatRequest, HistoryInfo
+
+log = logging.getLogger("engram.service")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,25 +110,36 @@ def _turn_metrics(*, failures_only: bool = False) -> Iterator[_TurnOutcome]:
 
 
 def _failure_outcome(error: Exception) -> str:
+    if isinstance(error, OutcomeUnknown):
+        return "outcome_unknown"
     if isinstance(error, StoreUnavailable):
         return "store_unavailable"
-    if isinstance(error, InvalidInput):
+    if isinstance(error, StoreFull):
+        return "store_full"
+    if isinstance(error, InvalidInput | TurnIdReused):
         return "rejected"
     return "model_error"
 
 
-def _model_failure(error: Exception, clock: metrics.ModelClock) -> Exception:
-    """What to raise for an exception out of the chat engine: store errors pass through, the rest
-    came from the model (a reply too large to store counts as the model's failure, too)."""
+def _model_failure(error: Exception, clock: metrics.ModelClock, turn_id: str) -> Exception:
+    """What to raise for an exception out of the chat engine (which commits the turn when the model is
+    done): a store error during the commit leaves its outcome unknown, other store errors pass through,
+    the rest came from the model (a reply too large to store counts as the model's failure, too).
+
+    A model error is summarized for the client (its type, and the upstream HTTP status if any); its
+    text, which can echo request headers, goes to the log only, with secrets masked."""
     if isinstance(error, MessageTooLarge):
         clock.finish("ok")
         return ModelFailed(f"the model's reply cannot be stored: {error}")
+    if isinstance(error, StoreUnavailable) and not isinstance(error, OutcomeUnknown):
+        clock.finish("ok")
+        return OutcomeUnknown(str(error), turn_id)
     if isinstance(error, EngramError):
         clock.finish("ok")
         return error
     clock.finish("error")
-    detail = str(error).strip()[:300]
-    return ModelFailed(f"the model failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
+    log.warning("model call failed for turn %s: %s", turn_id, redact(f"{type(error).__name__}: {error}"))
+    return ModelFailed(summarize_model_error(error))
 
 
 async def _begin(ctx: TurnContext, request: ChatRequest, turn_id: str) -> tuple[EngramMemory, Window]:
@@ -167,11 +183,23 @@ def _result(ctx: TurnContext, request: ChatRequest, turn_id: str, window: Window
     )
 
 
-def _committed(memory: EngramMemory) -> CommittedTurn:
+def _committed(memory: EngramMemory, request: ChatRequest) -> CommittedTurn:
     committed = memory.committed
     if committed is None:  # the engine returned without putting the reply: treat as a model failure
         raise ModelFailed("the model returned no message")
+    if committed.duplicate:  # a concurrent request with the same turn id stored first
+        _check_same_message(committed, request)
     return committed
+
+
+def _check_same_message(stored: CommittedTurn, request: ChatRequest) -> None:
+    """A turn id names one message: replaying its reply for another message would answer the wrong one."""
+    user = next((m.content for m in stored.messages if m.role == "user"), None)
+    if user is not None and user != request.message:
+        raise TurnIdReused(
+            f"turn_id {stored.turn_id!r} was already used for a different message; "
+            "send a new turn_id for a new message (a retry must resend the same message)"
+        )
 
 
 async def chat_turn(ctx: TurnContext, request: ChatRequest) -> TurnResult:
@@ -183,10 +211,11 @@ async def chat_turn(ctx: TurnContext, request: ChatRequest) -> TurnResult:
             try:
                 response = await _stateless_engine(ctx).achat(request.message)
             except Exception as error:
-                raise _model_failure(error, clock) from error
+                raise _model_failure(error, clock, turn_id) from error
             return _result(ctx, request, turn_id, None, str(response))
         memory, window = await _begin(ctx, request, turn_id)
         if window.replay is not None:
+            _check_same_message(window.replay, request)
             turn.outcome = "replayed"
             return _result(ctx, request, turn_id, window, window.replay.reply)
         engine = SimpleChatEngine.from_defaults(llm=ctx.llm, memory=memory)
@@ -195,8 +224,8 @@ async def chat_turn(ctx: TurnContext, request: ChatRequest) -> TurnResult:
             with metrics.redis_operation("commit"):
                 await engine.achat(request.message)
         except Exception as error:
-            raise _model_failure(error, clock) from error
-        committed = _committed(memory)
+            raise _model_failure(error, clock, turn_id) from error
+        committed = _committed(memory, request)
         turn.outcome = "duplicate" if committed.duplicate else "ok"
         return _result(ctx, request, turn_id, window, committed.reply)
 
@@ -239,11 +268,11 @@ class StreamingTurn:
                                 parts.append(text)
                                 yield "token", {"text": text}
                 except Exception as error:
-                    raise _model_failure(error, self.clock) from error
+                    raise _model_failure(error, self.clock, self.turn_id) from error
                 if self.memory is None:  # ENGRAM_MEMORY=off: nothing was stored
                     outcome, reply = "ok", "".join(parts)
                 else:
-                    committed = _committed(self.memory)
+                    committed = _committed(self.memory, self.request)
                     outcome = "duplicate" if committed.duplicate else "ok"
                     reply = committed.reply
             else:
@@ -252,8 +281,8 @@ class StreamingTurn:
             yield "done", result.body().model_dump()
         except EngramError as error:
             outcome = _failure_outcome(error)
-            _, code, message = describe(error)
-            yield "error", {"error": {"code": code, "message": message}}
+            _, body, _ = error_content(error)
+            yield "error", body
         finally:
             metrics.observe_turn(outcome, time.perf_counter() - self.started)
 
@@ -276,6 +305,7 @@ async def open_stream(ctx: TurnContext, request: ChatRequest) -> StreamingTurn:
         if ctx.memory:
             memory, window = await _begin(ctx, request, turn_id)
             if window.replay is not None:
+                _check_same_message(window.replay, request)
                 return StreamingTurn(
                     ctx, request, turn_id, memory, window, None, window.replay.reply, metrics.ModelClock(), turn.started
                 )
@@ -289,5 +319,5 @@ async def open_stream(ctx: TurnContext, request: ChatRequest) -> StreamingTurn:
                 tokens = response.async_response_gen()
                 first = await _first_text(tokens)
         except Exception as error:
-            raise _model_failure(error, clock) from error
+            raise _model_failure(error, clock, turn_id) from error
     return StreamingTurn(ctx, request, turn_id, memory, window, tokens, first, clock, turn.started)

@@ -42,7 +42,10 @@ MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MULTIPROCESS = values.ValueClass is not values.MutexValue
 
 CACHE_OUTCOMES: tuple[CacheOutcome, ...] = ("hit", "delta", "miss")
-TURN_OUTCOMES = ("ok", "replayed", "duplicate", "model_error", "store_unavailable", "rejected", "abandoned")
+TURN_OUTCOMES = (
+    "ok", "replayed", "duplicate", "model_error", "store_unavailable", "store_full", "outcome_unknown", "rejected",
+    "abandoned",
+)  # fmt: skip
 MODEL_OUTCOMES = ("ok", "error")
 REDIS_OPERATIONS = ("load", "commit", "sessions", "messages", "delete", "auth", "ready")
 

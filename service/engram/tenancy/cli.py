@@ -207,7 +207,10 @@ async def _rotate(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, s
 
 
 def _write_private(path: Path, secret: str) -> None:
+    """Write ``secret`` readable by its owner only, whatever mode an existing file had: the mode is
+    fixed on the open descriptor before the secret is written (O_CREAT's mode applies to new files only)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w") as file:
         file.write(secret + "\n")
 

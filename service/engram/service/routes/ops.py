@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from engram.errors import StoreUnavailable
+from engram.errors import StoreFull, StoreReadOnly, StoreUnavailable
 from engram.service import metrics
 from engram.service.deps import ResourcesDep
 from engram.service.schemas import Health
 
+log = logging.getLogger("engram.service")
 router = APIRouter(tags=["operations"])
 
 
@@ -22,12 +25,15 @@ async def healthz(resources: ResourcesDep) -> Health:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def readyz(resources: ResourcesDep) -> Response:
-    """Readiness: Redis answers a PING within the configured timeout."""
+    """Readiness: Redis would take a turn's commit now (it answers in time, is a primary, is under
+    maxmemory). The body says which of these failed, never where Redis is (this endpoint is public)."""
     try:
         with metrics.redis_operation("ready"):
-            await resources.store.ping()
-    except StoreUnavailable as error:
-        body = Health(status="unavailable", served_by=resources.served_by, detail=str(error))
+            await resources.store.check_writable()
+    except (StoreUnavailable, StoreFull) as error:
+        log.warning("not ready: %s", error)
+        detail = "Redis is full (maxmemory)" if isinstance(error, StoreFull) else _unready_detail(error)
+        body = Health(status="unavailable", served_by=resources.served_by, detail=detail)
         return JSONResponse(body.model_dump(), status_code=503)
     return JSONResponse(Health(status="ok", served_by=resources.served_by).model_dump())
 
@@ -37,3 +43,7 @@ async def metrics_endpoint() -> Response:
     """Prometheus exposition of this replica (all its workers summed)."""
     body, content_type = await run_in_threadpool(metrics.render)
     return Response(body, media_type=content_type)
+
+
+def _unready_detail(error: StoreUnavailable) -> str:
+    return "Redis is read-only (a replica)" if isinstance(error, StoreReadOnly) else "Redis does not answer"

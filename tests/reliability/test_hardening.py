@@ -1,0 +1,180 @@
+"""What an adversarial run broke, reproduced with real processes (issue 16): a full or read-only Redis
+found before the model runs, honest answers when a commit's outcome is unknown, bursts that wait for a
+connection instead of failing, model errors that never carry their text (or a key) to clients, and a
+public /readyz that says what is wrong but not where Redis is."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import httpx
+import redis
+
+from tests.reliability.fake_model import FakeModel
+from tests.reliability.support import KEYS, TENANT, record
+from tests.service.conftest import MakeService
+from tests.service.support import chat
+from tests.support.redis_server import RedisServer
+
+
+def fill_until_full(client: redis.Redis) -> None:
+    """Lower maxmemory well under what is used, so that Redis refuses every write (noeviction)."""
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", str(used // 2))
+
+
+def test_a_full_redis_answers_507_before_the_model_runs_and_deleting_a_session_frees_space(
+    redis_server: RedisServer, make_service: MakeService
+) -> None:
+    admin = redis.Redis(port=redis_server.port, decode_responses=True)
+    with FakeModel() as model:
+        replica = make_service(redis_server.url, **model.service_env(5.0)).start()
+        assert chat(replica.url, "s1", "remember this").status_code == 200
+        calls_before = model.requests
+        fill_until_full(admin)
+
+        for stream in (False, True):
+            response = chat(replica.url, "s1", "and this?", stream=stream)
+            assert response.status_code == 507, response.text
+            assert response.json()["error"]["code"] == "store_full"
+        assert model.requests == calls_before  # refused by the load, before any model call
+        assert admin.xlen(KEYS.session(TENANT, "s1").log) == 2  # what was stored is intact
+
+        ready = httpx.get(replica.url + "/readyz")
+        assert ready.status_code == 503 and ready.json()["detail"] == "Redis is full (maxmemory)"
+
+        deleted = httpx.delete(replica.url + "/v1/sessions/s1")  # a tenant can still free space
+        assert deleted.status_code in (200, 204), deleted.text
+        assert admin.exists(KEYS.session(TENANT, "s1").log) == 0
+
+        admin.config_set("maxmemory", "0")
+        assert httpx.get(replica.url + "/readyz").status_code == 200
+        assert chat(replica.url, "s2", "room again").status_code == 200
+
+
+def test_a_read_only_redis_answers_503_with_retry_after_before_the_model_runs(
+    redis_server: RedisServer, make_service: MakeService
+) -> None:
+    admin = redis.Redis(port=redis_server.port, decode_responses=True)
+    with FakeModel() as model:
+        replica = make_service(redis_server.url, **model.service_env(5.0)).start()
+        assert chat(replica.url, "s1", "hello").status_code == 200
+        calls_before = model.requests
+        admin.replicaof("127.0.0.1", "1")  # a replica of nothing: read-only, as during a failover
+        try:
+            response = chat(replica.url, "s1", "still there?")
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "store_read_only"
+            assert response.headers["Retry-After"] == "1"
+            assert model.requests == calls_before
+            ready = httpx.get(replica.url + "/readyz")
+            assert ready.status_code == 503 and ready.json()["detail"] == "Redis is read-only (a replica)"
+        finally:
+            admin.replicaof("NO", "ONE")
+        assert httpx.get(replica.url + "/readyz").status_code == 200
+        assert chat(replica.url, "s1", "back").status_code == 200
+
+
+def test_a_commit_without_answer_is_503_outcome_unknown_with_a_turn_id_whose_retry_never_stores_twice(
+    redis_server: RedisServer, make_service: MakeService
+) -> None:
+    admin = redis.Redis(port=redis_server.port, decode_responses=True)
+    log = KEYS.session(TENANT, "frozen").log
+    with FakeModel(delay=1.0) as model:
+        replica = make_service(redis_server.url, ENGRAM_REDIS_SOCKET_TIMEOUT="0.5", **model.service_env(10.0)).start()
+        assert redis_server.process is not None
+        answer: list[httpx.Response] = []
+        client = threading.Thread(target=lambda: answer.append(chat(replica.url, "frozen", "hi")))  # no turn_id
+        client.start()
+        assert model.arrived.wait(30)  # the load is done; the model is "thinking"
+        os.kill(redis_server.process.pid, signal.SIGSTOP)  # Redis freezes: the commit will get no answer
+        try:
+            client.join(30)
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)  # and then runs what it had queued
+        [response] = answer
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["code"] == "outcome_unknown" and response.headers["Retry-After"] == "1"
+        turn_id = error["turn_id"]  # made by the server: the client sent none
+        assert turn_id in error["message"]
+
+        retried = chat(replica.url, "frozen", "hi", turn_id=turn_id)
+        assert retried.status_code == 200, retried.text
+        assert retried.json()["turn_id"] == turn_id
+        assert admin.xlen(log) == 2  # one user message, one reply: never twice
+    record("commit_outcome_unknown", status=503, messages_after_retry=admin.xlen(log))
+
+
+def test_model_errors_reach_clients_as_a_summary_without_their_text_or_the_api_key(
+    redis_server: RedisServer, make_service: MakeService
+) -> None:
+    secret = "sk-test-" + "k" * 24
+    with FakeModel("echo-error") as model:
+        replica = make_service(redis_server.url, ENGRAM_LLM_API_KEY=secret, **model.service_env(5.0)).start()
+        for stream in (False, True):
+            response = chat(replica.url, f"leak-{int(stream)}", "hello", stream=stream)
+            assert response.status_code == 502, response.text
+            assert secret in model.last_headers  # the model server saw the key and echoed it back...
+            message = response.json()["error"]["message"]
+            assert secret not in response.text and "upstream rejected" not in response.text  # ...not to tenants
+            assert "status 500" in message
+        assert secret not in replica.log()  # nor into the service log
+
+
+def test_readyz_does_not_say_where_redis_is(redis_server: RedisServer, make_service: MakeService) -> None:
+    replica = make_service(redis_server.url).start()
+    redis_server.stop()
+    response = httpx.get(replica.url + "/readyz")
+    assert response.status_code == 503
+    assert response.json()["detail"] == "Redis does not answer"
+    assert str(redis_server.port) not in response.text and "127.0.0.1" not in response.text
+
+
+async def burst(url: str, turns: int) -> tuple[dict[int, int], float]:
+    """``turns`` first turns of new sessions, all at once; status counts and the p99 latency."""
+    limits = httpx.Limits(max_connections=turns, max_keepalive_connections=turns)
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+
+        async def one(n: int) -> tuple[int, float]:
+            started = time.monotonic()
+            response = await client.post("/v1/chat", json={"session_id": f"burst-{n}", "message": "hello"})
+            return response.status_code, time.monotonic() - started
+
+        results = await asyncio.gather(*(one(n) for n in range(turns)))
+    statuses: dict[int, int] = {}
+    for status, _ in results:
+        statuses[status] = statuses.get(status, 0) + 1
+    latencies = sorted(seconds for _, seconds in results)
+    return statuses, latencies[int(0.99 * (len(latencies) - 1))]
+
+
+def test_a_burst_of_200_concurrent_turns_on_one_replica_gets_no_error_while_redis_is_healthy(
+    redis_server: RedisServer, make_service: MakeService
+) -> None:
+    # Fewer connections than concurrent turns: the pool must make the excess wait, not fail.
+    replica = make_service(redis_server.url, ENGRAM_REDIS_MAX_CONNECTIONS="16").start()
+    statuses, p99 = asyncio.run(burst(replica.url, 200))
+    assert statuses == {200: 200}, statuses
+    record("burst_200_one_replica", statuses=statuses, p99_s=round(p99, 3))
+
+
+def test_a_turn_id_reused_for_another_message_is_409_and_changes_nothing(
+    redis_server: RedisServer, make_service: MakeService
+) -> None:
+    admin = redis.Redis(port=redis_server.port, decode_responses=True)
+    replica = make_service(redis_server.url).start()
+    first = chat(replica.url, "s1", "my name is Ada", turn_id="t1")
+    assert first.status_code == 200
+    for stream in (False, True):
+        reused = chat(replica.url, "s1", "delete everything", turn_id="t1", stream=stream)
+        assert reused.status_code == 409, reused.text
+        assert reused.json()["error"]["code"] == "turn_id_reused"
+    retry = chat(replica.url, "s1", "my name is Ada", turn_id="t1")  # a real retry is still answered
+    assert retry.status_code == 200 and retry.json()["reply"] == first.json()["reply"]
+    assert admin.xlen(KEYS.session(TENANT, "s1").log) == 2
