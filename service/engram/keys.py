@@ -66,6 +66,7 @@ class SessionKeys:
     turns: str
     archive: str
     index: str  # the tenant's session index (different slot)
+    session_id: str
 
     def session_keys(self) -> tuple[str, str, str, str]:
         """The keys that belong to the session itself (deleted with it)."""
@@ -104,6 +105,7 @@ class KeySpace:
             turns=f"{base}:turns",
             archive=f"{base}:archive",
             index=self.session_index(tenant),
+            session_id=session_id,
         )
 
     # --- system space (operator / CLI only; never in a tenant's ACL) ---------------------------------

@@ -35,6 +35,7 @@ from engram.history.functions import (
     FN_DELETE_AT,
     FN_DELETE_SESSION,
     FN_LOAD,
+    FN_PRUNE_INDEX,
     FN_REPLACE,
     FN_TAKE_OLDEST,
     ensure_library,
@@ -363,33 +364,49 @@ class HistoryStore:
     # --- tenant-wide operations -----------------------------------------------------------------------
     async def list_sessions(self, tenant: str, *, limit: int = 100, cursor: str | None = None) -> SessionPage:
         """A page of the tenant's sessions in id order, from the session index (never KEYS or SCAN).
-        Sessions that expired since they were indexed are pruned from the index on the way."""
+
+        Sessions without messages are skipped; those whose log is gone (deleted or expired) are then
+        pruned from the index by one function call that re-checks each log when it runs, so a session
+        re-created since this page was read keeps its entry.
+        """
         index = self.keys.session_index(validate_tenant(tenant))
         if not 1 <= limit <= 1000:
             raise InvalidMessage("limit must be between 1 and 1000")
         start = "-" if cursor is None else "(" + validate_session_id(_decode_cursor(cursor, re.compile(".+")))
         async with self._redis_errors():
             members = await self.client.zrange(index, start, "+", bylex=True, offset=0, num=limit + 1)
-            ids = [_text(m) for m in members]
-            page_ids = ids[:limit]
+        ids = [_text(m) for m in members]
+        page_ids = ids[:limit]
+        # An index entry that is not a valid id has no keys: skip it (the purge removes it with the index).
+        valid = [self.keys.session(tenant, s) for s in page_ids if SESSION_ID_PATTERN.fullmatch(s)]
+        async with self._redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
-                for session_id in page_ids:
-                    keys = self.keys.session(tenant, session_id)
+                for keys in valid:
                     pipe.xlen(keys.log)
                     pipe.hget(keys.meta, "updated")
                 replies = await pipe.execute()
-            sessions: list[SessionInfo] = []
-            expired: list[str] = []
-            for i, session_id in enumerate(page_ids):
-                count, updated = replies[2 * i], replies[2 * i + 1]
-                if not count:
-                    expired.append(session_id)
-                    continue
-                sessions.append(SessionInfo(session_id, int(count), int(_text(updated) or 0) / 1000.0))
-            if expired:
-                await self.client.zrem(index, *expired)
+        sessions: list[SessionInfo] = []
+        empty: list[SessionKeys] = []
+        for i, keys in enumerate(valid):
+            count, updated = replies[2 * i], replies[2 * i + 1]
+            if not count:
+                empty.append(keys)
+                continue
+            sessions.append(SessionInfo(keys.session_id, int(count), int(_text(updated) or 0) / 1000.0))
+        if empty:
+            await self._prune_index(index, empty)
         next_cursor = _encode_cursor(page_ids[-1]) if len(ids) > limit else None
         return SessionPage(sessions, next_cursor)
+
+    async def _prune_index(self, index: str, sessions: Sequence[SessionKeys]) -> int:
+        """Unindex those of ``sessions`` whose log does not exist, checked atomically with the removal.
+
+        Not a ZREM of what the listing saw: a session deleted and re-created in between would lose its
+        entry, drop out of every listing and out of an index-driven purge until its next turn.
+        """
+        logs = [keys.log for keys in sessions]
+        ids = [keys.session_id for keys in sessions]
+        return int(await self._call(lambda: self.client.fcall(FN_PRUNE_INDEX, 1 + len(logs), index, *logs, *ids)))
 
     async def session_ids(self, tenant: str) -> list[str]:
         """Every live session id of the tenant, page by page from the index."""
