@@ -425,23 +425,31 @@ class HistoryStore:
             return int(await self.client.zcard(self.keys.session_index(validate_tenant(tenant))))
 
     async def purge_tenant(self, tenant: str, *, batch: int = 100) -> int:
-        """Delete every session of ``tenant``, ``batch`` at a time from the index. Returns how many."""
-        index = self.keys.session_index(validate_tenant(tenant))
-        deleted = 0
+        """Delete every key of ``tenant`` (its sessions and its session index). Returns how many
+        sessions had keys.
+
+        The keys are found with ``SCAN MATCH <tenant prefix>*``, not from the index: erasure must not
+        depend on the index being complete. So this needs a Redis user allowed to SCAN: the operator's
+        or the CLI's admin user, never a tenant's. Passes repeat until one finds nothing, so keys
+        written during a pass (a turn in flight when the tenant was revoked) go too.
+        """
+        pattern = self.keys.tenant_key_pattern(validate_tenant(tenant))
+        purged: set[str] = set()
         while True:
-            async with self._redis_errors():
-                members = await self.client.zrange(index, 0, batch - 1)
-            if not members:
-                return deleted
-            session_ids = [_text(m) for m in members]
-            async with self._redis_errors():
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for session_id in session_ids:
-                        # An index entry that is not a valid id has no keys: it is only unindexed.
-                        if SESSION_ID_PATTERN.fullmatch(session_id):
-                            keys = self.keys.session(tenant, session_id)
-                            pipe.delete(*keys.session_keys())
-                            self.cache.discard(keys.log)
-                            deleted += 1
-                    pipe.zrem(index, *session_ids)
-                    await pipe.execute()
+            found = 0
+            cursor: int = 0
+            while True:
+                async with self._redis_errors():
+                    cursor, names = await self.client.scan(cursor, match=pattern, count=batch)
+                    if names:
+                        await self.client.delete(*names)
+                found += len(names)
+                for name in map(_text, names):
+                    session_id = self.keys.session_id_of(tenant, name)
+                    if session_id is not None:
+                        purged.add(session_id)
+                        self.cache.discard(self.keys.session(tenant, session_id).log)
+                if cursor == 0:
+                    break
+            if not found:
+                return len(purged)
