@@ -4,6 +4,7 @@ cache correctness, idempotency, TTL, retention, round trips, bad input and Redis
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import subprocess
@@ -307,6 +308,10 @@ async def test_purging_a_tenant_deletes_its_sessions_and_no_other_tenants(store:
     assert await store.count_messages("acme-2", "s1") == 2
 
 
+def _cursor(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     ("call", "error"),
     [
@@ -318,6 +323,9 @@ async def test_purging_a_tenant_deletes_its_sessions_and_no_other_tenants(store:
         (lambda s: s.commit_turn("acme", "s1", "t", "\ud800", "a"), InvalidMessage),
         (lambda s: s.messages("acme", "s1", cursor="not-a-cursor"), InvalidCursor),
         (lambda s: s.list_sessions("acme", cursor="%%%"), InvalidCursor),
+        (lambda s: s.list_sessions("acme", cursor=_cursor("bad id")), InvalidCursor),
+        (lambda s: s.messages("acme", "s1", cursor=_cursor(f"{2**64}-0")), InvalidCursor),
+        (lambda s: s.messages("acme", "s1", cursor=_cursor(f"{2**64 - 1}-{2**64 - 1}")), InvalidCursor),
     ],
 )
 async def test_bad_input_is_refused_and_stored_history_is_untouched(store: HistoryStore, call, error) -> None:  # type: ignore[no-untyped-def]

@@ -59,7 +59,9 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 TURN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024
 DEFAULT_MAX_WINDOW_MESSAGES = 10_000
-_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_STREAM_ID = re.compile(r"(0|[1-9]\d{0,19})-(0|[1-9]\d{0,19})")  # canonical, as Redis writes ids
+_MAX_ID_PART = 2**64 - 1
+MAX_CURSOR_LENGTH = 512  # a session id's cursor is at most 172 characters
 
 
 def _text(value: Any) -> str:
@@ -87,13 +89,29 @@ def _encode_cursor(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 
 
+def _invalid_cursor(cursor: str) -> InvalidCursor:
+    return InvalidCursor(f"invalid cursor {cursor[:100]!r}: pass back a `next` value unchanged")
+
+
 def _decode_cursor(cursor: str, check: re.Pattern[str]) -> str:
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise _invalid_cursor(cursor)
     try:
         value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidCursor(f"invalid cursor {cursor!r}: pass back a `next` value unchanged") from None
+        raise _invalid_cursor(cursor) from None
     if not check.fullmatch(value):
-        raise InvalidCursor(f"invalid cursor {cursor!r}: pass back a `next` value unchanged")
+        raise _invalid_cursor(cursor)
+    return value
+
+
+def _decode_stream_cursor(cursor: str) -> str:
+    """The stream id a message-page cursor holds: one Redis accepts as an exclusive start, i.e. both
+    parts fit 64 bits and it is not the largest id (nothing comes after it; Redis refuses ``(max``)."""
+    value = _decode_cursor(cursor, _STREAM_ID)
+    ms, seq = (int(part) for part in value.split("-"))
+    if ms > _MAX_ID_PART or seq > _MAX_ID_PART or (ms, seq) == (_MAX_ID_PART, _MAX_ID_PART):
+        raise _invalid_cursor(cursor)
     return value
 
 
@@ -354,7 +372,7 @@ class HistoryStore:
         keys = self._session(tenant, session_id)
         if not 1 <= limit <= 1000:
             raise InvalidMessage("limit must be between 1 and 1000")
-        start = "-" if cursor is None else "(" + _decode_cursor(cursor, _STREAM_ID)
+        start = "-" if cursor is None else "(" + _decode_stream_cursor(cursor)
         async with self._redis_errors():
             entries = await self.client.xrange(keys.log, min=start, max="+", count=limit + 1) or []
         page = [_parse_entry(e) for e in entries[:limit]]
@@ -372,7 +390,7 @@ class HistoryStore:
         index = self.keys.session_index(validate_tenant(tenant))
         if not 1 <= limit <= 1000:
             raise InvalidMessage("limit must be between 1 and 1000")
-        start = "-" if cursor is None else "(" + validate_session_id(_decode_cursor(cursor, re.compile(".+")))
+        start = "-" if cursor is None else "(" + _decode_cursor(cursor, SESSION_ID_PATTERN)
         async with self._redis_errors():
             members = await self.client.zrange(index, start, "+", bylex=True, offset=0, num=limit + 1)
         ids = [_text(m) for m in members]
