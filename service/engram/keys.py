@@ -66,6 +66,7 @@ class SessionKeys:
     turns: str
     archive: str
     index: str  # the tenant's session index (different slot)
+    session_id: str
 
     def session_keys(self) -> tuple[str, str, str, str]:
         """The keys that belong to the session itself (deleted with it)."""
@@ -87,9 +88,14 @@ class KeySpace:
         """Prefix shared by every key of ``tenant`` (and by no key of any other tenant)."""
         return f"{self.namespace}:{validate_tenant(tenant)}:"
 
+    def tenant_key_pattern(self, tenant: str) -> str:
+        """Glob matching every key of ``tenant`` and nothing else (no metacharacter can occur in the
+        prefix: namespaces and tenants are [a-z0-9_-]). For ACLs and the purge's SCAN MATCH."""
+        return f"{self.tenant_prefix(tenant)}*"
+
     def tenant_acl_key_patterns(self, tenant: str) -> list[str]:
         """ACL key patterns (``~pattern``) that match every key of ``tenant`` and nothing else."""
-        return [f"{self.tenant_prefix(tenant)}*"]
+        return [self.tenant_key_pattern(tenant)]
 
     def session_index(self, tenant: str) -> str:
         return f"{self.tenant_prefix(tenant)}sessions"
@@ -104,7 +110,17 @@ class KeySpace:
             turns=f"{base}:turns",
             archive=f"{base}:archive",
             index=self.session_index(tenant),
+            session_id=session_id,
         )
+
+    def session_id_of(self, tenant: str, key: str) -> str | None:
+        """The session a key of ``tenant`` belongs to (from its hash tag), or None for the tenant's own
+        keys (the session index) and for anything that is not a session key."""
+        prefix = f"{self.tenant_prefix(tenant)}{{{tenant}:"
+        if not key.startswith(prefix):
+            return None
+        session_id, brace, _ = key[len(prefix) :].partition("}")
+        return session_id if brace and SESSION_ID_PATTERN.fullmatch(session_id) else None
 
     # --- system space (operator / CLI only; never in a tenant's ACL) ---------------------------------
     def tenant_record(self, tenant: str) -> str:

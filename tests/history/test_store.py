@@ -4,6 +4,7 @@ cache correctness, idempotency, TTL, retention, round trips, bad input and Redis
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import subprocess
@@ -169,6 +170,68 @@ async def test_expired_sessions_vanish_from_the_listing(store: HistoryStore) -> 
     assert await store.count_sessions("acme") == 1  # pruned from the index on the way
 
 
+async def test_a_session_deleted_and_recreated_during_concurrent_listings_stays_listed(
+    store: HistoryStore, other_store: HistoryStore
+) -> None:
+    """Listings prune sessions whose log is gone. The prune must not remove a session that was
+    re-created after the listing read it as empty: it would vanish from every listing (and from an
+    index-driven purge) until its next turn. Each round ends with the session re-created and every
+    listing finished; then it must be listed."""
+    rounds, cycles_per_round, listers = 150, 4, 3
+    lost_rounds = []
+
+    async def list_until(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await other_store.list_sessions("acme")
+
+    await store.commit_turn("acme", "s1", "t", "q", "a")
+    for n in range(rounds):
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(list_until(stop)) for _ in range(listers)]
+        for _ in range(cycles_per_round):
+            await store.delete_session("acme", "s1")
+            await store.commit_turn("acme", "s1", "t", "q", "a")
+        stop.set()
+        await asyncio.gather(*tasks)
+        if await store.client.zscore(store.keys.session_index("acme"), "s1") is None:
+            lost_rounds.append(n)
+            await store.commit_turn("acme", "s1", "again", "q", "a")  # re-index it for the next round
+    assert lost_rounds == [], f"{len(lost_rounds)} of {rounds} rounds lost the live session's index entry"
+    assert [s.session_id for s in (await store.list_sessions("acme")).sessions] == ["s1"]
+
+
+async def test_a_listing_prunes_deleted_sessions_but_keeps_ones_emptied_of_messages(store: HistoryStore) -> None:
+    for session_id in ("gone", "emptied", "live"):
+        await store.commit_turn("acme", session_id, "t", "q", "a")
+    await store.client.delete(*store.keys.session("acme", "gone").session_keys())  # as expiry does
+    await store.take_oldest("acme", "emptied", 2, archive=True)  # archived: the session still has keys
+    assert [s.session_id for s in (await store.list_sessions("acme")).sessions] == ["live"]
+    assert await store.client.zrange(store.keys.session_index("acme"), 0, -1) == ["emptied", "live"]
+
+
+async def test_deleting_sessions_and_pruning_the_index_work_when_redis_is_at_maxmemory(tmp_path: Path) -> None:
+    """A full Redis (noeviction) refuses writes; deleting a session frees space, so it must still run,
+    and so must a listing that prunes a session whose keys are gone."""
+    server = RedisServer(tmp_path / "redis", None, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction").start()
+    store = make_store(server.url)
+    try:
+        await store.client.zadd(store.keys.session_index("acme"), {"expired": 0})  # its keys are gone
+        filler = [NewMessage("user", "x" * 16_000, tokens=1)]
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for _ in range(10_000):
+                await store.append("acme", "s1", filler)
+        assert [s.session_id for s in (await store.list_sessions("acme")).sessions] == ["s1"]
+        assert await store.client.zrange(store.keys.session_index("acme"), 0, -1) == ["s1"]  # pruned while full
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            await store.append("acme", "s1", filler)  # still full
+        assert await store.delete_session("acme", "s1")
+        assert not await store.client.exists(*store.keys.session("acme", "s1").session_keys())
+        assert await store.count_sessions("acme") == 0
+    finally:
+        await store.client.aclose()
+        server.stop()
+
+
 async def test_retention_keeps_the_newest_messages_and_forgets_trimmed_turn_ids(store: HistoryStore) -> None:
     policy = Policy(max_messages_per_session=6)
     await store.load_window("acme", "s1", 3000)
@@ -245,6 +308,10 @@ async def test_purging_a_tenant_deletes_its_sessions_and_no_other_tenants(store:
     assert await store.count_messages("acme-2", "s1") == 2
 
 
+def _cursor(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     ("call", "error"),
     [
@@ -256,6 +323,9 @@ async def test_purging_a_tenant_deletes_its_sessions_and_no_other_tenants(store:
         (lambda s: s.commit_turn("acme", "s1", "t", "\ud800", "a"), InvalidMessage),
         (lambda s: s.messages("acme", "s1", cursor="not-a-cursor"), InvalidCursor),
         (lambda s: s.list_sessions("acme", cursor="%%%"), InvalidCursor),
+        (lambda s: s.list_sessions("acme", cursor=_cursor("bad id")), InvalidCursor),
+        (lambda s: s.messages("acme", "s1", cursor=_cursor(f"{2**64}-0")), InvalidCursor),
+        (lambda s: s.messages("acme", "s1", cursor=_cursor(f"{2**64 - 1}-{2**64 - 1}")), InvalidCursor),
     ],
 )
 async def test_bad_input_is_refused_and_stored_history_is_untouched(store: HistoryStore, call, error) -> None:  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@ and never a stack trace - 401, 404, 413, 422, 502 and 503."""
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import Iterator
@@ -160,6 +161,32 @@ def test_bad_pagination_is_422(service: ServiceProcess) -> None:
     assert_error(httpx.get(service.url + "/v1/sessions?limit=0"), 422, "invalid_request")
     assert_error(httpx.get(service.url + "/v1/sessions/s/messages?cursor=bm9wZQ"), 422, "invalid_cursor")
     assert_error(httpx.get(service.url + "/v1/sessions/bad%20id/messages"), 422, "invalid_session_id")
+
+
+def _cursor(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
+
+
+MAX_ID_PART = str(2**64 - 1)
+
+
+@pytest.mark.parametrize(
+    ("path", "cursor"),
+    [
+        ("/v1/sessions/s/messages", _cursor(f"{2**64}-0")),  # parts above 64 bits: Redis' "Invalid stream ID"
+        ("/v1/sessions/s/messages", _cursor(f"0-{2**64}")),
+        ("/v1/sessions/s/messages", _cursor(f"{MAX_ID_PART}-{MAX_ID_PART}")),  # nothing comes after it
+        ("/v1/sessions/s/messages", _cursor("007-1")),
+        ("/v1/sessions/s/messages", "A" * 600),
+        ("/v1/sessions", _cursor("not a session id")),
+        ("/v1/sessions", _cursor("s" * 129)),
+        ("/v1/sessions", "A" * 600),
+    ],
+    ids=["ms-over-64-bits", "seq-over-64-bits", "max-id", "leading-zero", "too-long", "bad-session-id",
+         "session-id-too-long", "sessions-too-long"],
+)  # fmt: skip
+def test_every_invalid_cursor_is_422_invalid_cursor(service: ServiceProcess, path: str, cursor: str) -> None:
+    assert_error(httpx.get(service.url + path, params={"cursor": cursor}), 422, "invalid_cursor")
 
 
 def test_unknown_route_and_method_are_json_errors(service: ServiceProcess) -> None:

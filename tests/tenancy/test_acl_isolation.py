@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from engram.history.functions import FN_COMMIT, FN_LOAD
+from engram.history.functions import FN_COMMIT, FN_LOAD, LIBRARY_NAME
 from engram.tenancy.reconcile import Credentials
 from tests.tenancy.conftest import KEYS, MakeTenant, history, tenant_client
 
@@ -32,7 +32,7 @@ FORBIDDEN = [
     ("ACL", "WHOAMI"),
     ("FUNCTION", "LIST"),
     ("FUNCTION", "FLUSH"),
-    ("FUNCTION", "DELETE", "engram_v1"),
+    ("FUNCTION", "DELETE", LIBRARY_NAME),
     ("SCRIPT", "FLUSH"),
     ("SCRIPT", "LOAD", "return 1"),
     ("EVAL", "return redis.call('KEYS', '*')", "0"),
@@ -66,13 +66,17 @@ async def acme2_session(admin: aioredis.Redis) -> str:
     return "secret-chat"
 
 
-async def test_the_tenant_user_can_use_the_history_store_on_its_own_sessions(acme: aioredis.Redis) -> None:
+async def test_the_tenant_user_can_use_the_history_store_on_its_own_sessions(
+    acme: aioredis.Redis, admin: aioredis.Redis
+) -> None:
     store = history(acme)
     await store.commit_turn("acme", "s1", "t1", "hello", "hi there")
     await store.commit_turn("acme", "s1", "t2", "how are you", "fine")
     window = await store.load_window("acme", "s1", token_budget=1000)
     assert [m.content for m in window.messages] == ["hello", "hi there", "how are you", "fine"]
-    assert (await store.list_sessions("acme")).sessions[0].session_id == "s1"
+    await store.commit_turn("acme", "expired", "t1", "hello", "hi")
+    await admin.delete(*KEYS.session("acme", "expired").session_keys())  # as expiry does
+    assert [s.session_id for s in (await store.list_sessions("acme")).sessions] == ["s1"]  # and prunes
     assert await store.count_sessions("acme") == 1
     assert await store.delete_session("acme", "s1")
     assert await acme.ping()
@@ -136,5 +140,5 @@ async def test_the_admin_sees_that_nothing_was_flushed_or_reconfigured(
         except ResponseError:
             pass
     assert await admin.dbsize() > 0
-    assert await admin.function_list(library="engram_v1")
+    assert await admin.function_list(library=LIBRARY_NAME)
     assert len(await history(admin).all_messages("acme-2", acme2_session)) == 2

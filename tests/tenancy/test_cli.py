@@ -159,6 +159,25 @@ def test_delete_with_purge_removes_the_tenant_and_its_sessions(
     assert run(capsys, "delete", "acme")[0] == EXIT_REFUSED
 
 
+def test_delete_with_purge_erases_a_session_missing_from_the_index(
+    capsys: pytest.CaptureFixture[str], admin: redis.Redis
+) -> None:
+    """With TTL 0 nothing expires: a session the index lost must still be erased by the purge."""
+    run(capsys, "create", "acme", "--ttl", "0")
+    for i in range(3):
+        session = KEYS.session("acme", f"s{i}")
+        admin.zadd(session.index, {f"s{i}": 0})
+        admin.xadd(session.log, {"role": "user", "content": "my secret"})
+        admin.hset(session.meta, "epoch", "1")
+        admin.xadd(session.archive, {"role": "user", "content": "older secret"})
+    admin.zrem(KEYS.session_index("acme"), "s1")  # as a racing listing used to do
+    admin.xadd(KEYS.session("acme-2", "keep").log, {"role": "user", "content": "not acme's"})
+    code, _, err = run(capsys, "delete", "acme", "--purge")
+    assert code == EXIT_OK and "purged 3 sessions" in err
+    assert list(admin.scan_iter(match="engram:acme:*")) == []
+    assert admin.xlen(KEYS.session("acme-2", "keep").log) == 1
+
+
 def test_delete_without_purge_keeps_the_sessions(capsys: pytest.CaptureFixture[str], admin: redis.Redis) -> None:
     run(capsys, "create", "acme")
     admin.zadd(KEYS.session_index("acme"), {"s1": 1})

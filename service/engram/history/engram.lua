@@ -1,7 +1,10 @@
-#!lua name=engram_v1
+#!lua name=engram_v2
 -- Engram's Redis Functions. Loaded once per primary (FUNCTION LOAD REPLACE) by the operator, the CLI or
 -- the store itself when its user may; tenants' Redis users may only FCALL them (no EVAL, no SCRIPT).
--- Every function takes the keys of ONE session (one hash tag), plus the tenant's session index where noted.
+-- Every function takes the keys of ONE session (one hash tag), plus the tenant's session index where noted
+-- (prune_index takes the index and several sessions' logs: see docs/design.md on Redis Cluster).
+-- Any change to this file must rename the library (engram_vN) and its functions: ensure_library REPLACEs
+-- a library of the same name whose code differs, so two releases sharing a name would keep swapping it.
 -- Stream entry fields: role, content, tokens (counted once, at write time), turn (optional), extra (optional).
 
 local function field(fields, name)
@@ -192,6 +195,17 @@ local function delete_session(keys, args)
   return 0
 end
 
+-- prune_index: KEYS index, then one session's log per ARGV. ARGV session ids. Removes from the index
+-- the sessions whose log does not exist when this runs (deleted or expired), atomically with that check:
+-- a session re-created between the caller's read and this call keeps its entry. Returns how many.
+local function prune_index(keys, args)
+  local index, removed = keys[1], 0
+  for i = 1, #args do
+    if redis.call('EXISTS', keys[i + 1]) == 0 then removed = removed + redis.call('ZREM', index, args[i]) end
+  end
+  return removed
+end
+
 -- take_oldest: KEYS log, archive. ARGV n, mode ('archive' moves them to the archive stream keeping
 -- their ids, 'delete' drops them). Returns the entries taken. Caches need no new epoch: they drop
 -- messages older than the log's first id, as after a retention trim.
@@ -213,12 +227,13 @@ end
 
 -- load writes nothing, but is NOT flagged no-writes on purpose: a turn's load must be refused (OOM at
 -- maxmemory, READONLY on a replica) exactly when the commit after it would be, before the model runs.
-redis.register_function('engram_v1_load', load_window)
+redis.register_function('engram_v2_load', load_window)
 -- writable: refused by Redis whenever a write would be (OOM, READONLY, NOREPLICAS); /readyz calls it.
-redis.register_function('engram_v1_writable', function() return 1 end)
-redis.register_function('engram_v1_commit', commit)
-redis.register_function('engram_v1_replace', replace)
-redis.register_function('engram_v1_delete_at', delete_at)
--- allow-oom: deleting must work on a full Redis, or a tenant could never free space.
-redis.register_function { function_name = 'engram_v1_delete_session', callback = delete_session, flags = { 'allow-oom' } }
-redis.register_function('engram_v1_take_oldest', take_oldest)
+redis.register_function('engram_v2_writable', function() return 1 end)
+redis.register_function('engram_v2_commit', commit)
+redis.register_function('engram_v2_replace', replace)
+redis.register_function('engram_v2_delete_at', delete_at)
+-- Pure deletes may run when Redis is at maxmemory (noeviction), so a tenant can free space.
+redis.register_function { function_name = 'engram_v2_delete_session', callback = delete_session, flags = { 'allow-oom' } }
+redis.register_function { function_name = 'engram_v2_prune_index', callback = prune_index, flags = { 'allow-oom' } }
+redis.register_function('engram_v2_take_oldest', take_oldest)

@@ -3,7 +3,9 @@
 Why Redis Functions rather than EVAL scripts: a function library is loaded once by a privileged user
 (operator, CLI, or the store when it may) and then only *called* with FCALL. Tenant users therefore need
 neither EVAL (arbitrary Lua) nor SCRIPT, and the library is persisted and replicated by Redis itself.
-The library name carries a version (``engram_v1``) so replicas of two releases can run side by side.
+The library name carries a version (``engram_v2``) so replicas of two releases can run side by side: any
+change to engram.lua bumps it (and the function names), otherwise ensure_library of the old and the new
+release would keep replacing each other's code.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from redis.exceptions import NoPermissionError
 
 from engram.errors import StoreUnavailable
 
-LIBRARY_NAME = "engram_v1"
+LIBRARY_NAME = "engram_v2"  # v2: prune_index, writable, write-checked load; deletes may run at maxmemory
 LIBRARY = resources.files("engram.history").joinpath("engram.lua").read_text(encoding="utf-8")
 
-FN_LOAD = "engram_v1_load"
-FN_COMMIT = "engram_v1_commit"
-FN_REPLACE = "engram_v1_replace"
-FN_DELETE_AT = "engram_v1_delete_at"
-FN_DELETE_SESSION = "engram_v1_delete_session"
-FN_TAKE_OLDEST = "engram_v1_take_oldest"
-FN_WRITABLE = "engram_v1_writable"
+FN_LOAD = "engram_v2_load"
+FN_COMMIT = "engram_v2_commit"
+FN_REPLACE = "engram_v2_replace"
+FN_DELETE_AT = "engram_v2_delete_at"
+FN_DELETE_SESSION = "engram_v2_delete_session"
+FN_TAKE_OLDEST = "engram_v2_take_oldest"
+FN_PRUNE_INDEX = "engram_v2_prune_index"
+FN_WRITABLE = "engram_v2_writable"
 
 # Every command a user of Engram's history store sends, or that the library runs on its behalf (ACLs
 # apply inside functions too). This is the explicit allow-list for tenant and service Redis users:
@@ -42,7 +45,6 @@ TENANT_COMMANDS: tuple[str, ...] = (
     "hget",  # session metadata (updated time)
     "hgetall",  # the service reading a tenant's registry record (its user may read engram:_sys:*)
     "zrange",  # paging through the tenant's session index (BYLEX; never KEYS/SCAN)
-    "zrem",  # pruning expired sessions from the index
     "zcard",  # session count
     # run by the library inside FCALL
     "hset",
@@ -57,6 +59,8 @@ TENANT_COMMANDS: tuple[str, ...] = (
     "del",
     "time",
     "ttl",
+    "exists",  # prune_index: is the session's log still there?
+    "zrem",  # delete_session, replace and prune_index unindex sessions
 )
 
 

@@ -35,6 +35,7 @@ from engram.history.functions import (
     FN_DELETE_AT,
     FN_DELETE_SESSION,
     FN_LOAD,
+    FN_PRUNE_INDEX,
     FN_REPLACE,
     FN_TAKE_OLDEST,
     FN_WRITABLE,
@@ -59,7 +60,9 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 TURN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024
 DEFAULT_MAX_WINDOW_MESSAGES = 10_000
-_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_STREAM_ID = re.compile(r"(0|[1-9]\d{0,19})-(0|[1-9]\d{0,19})")  # canonical, as Redis writes ids
+_MAX_ID_PART = 2**64 - 1
+MAX_CURSOR_LENGTH = 512  # a session id's cursor is at most 172 characters
 
 
 def _text(value: Any) -> str:
@@ -87,13 +90,29 @@ def _encode_cursor(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 
 
+def _invalid_cursor(cursor: str) -> InvalidCursor:
+    return InvalidCursor(f"invalid cursor {cursor[:100]!r}: pass back a `next` value unchanged")
+
+
 def _decode_cursor(cursor: str, check: re.Pattern[str]) -> str:
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise _invalid_cursor(cursor)
     try:
         value = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidCursor(f"invalid cursor {cursor!r}: pass back a `next` value unchanged") from None
+        raise _invalid_cursor(cursor) from None
     if not check.fullmatch(value):
-        raise InvalidCursor(f"invalid cursor {cursor!r}: pass back a `next` value unchanged")
+        raise _invalid_cursor(cursor)
+    return value
+
+
+def _decode_stream_cursor(cursor: str) -> str:
+    """The stream id a message-page cursor holds: one Redis accepts as an exclusive start, i.e. both
+    parts fit 64 bits and it is not the largest id (nothing comes after it; Redis refuses ``(max``)."""
+    value = _decode_cursor(cursor, _STREAM_ID)
+    ms, seq = (int(part) for part in value.split("-"))
+    if ms > _MAX_ID_PART or seq > _MAX_ID_PART or (ms, seq) == (_MAX_ID_PART, _MAX_ID_PART):
+        raise _invalid_cursor(cursor)
     return value
 
 
@@ -365,7 +384,7 @@ class HistoryStore:
         keys = self._session(tenant, session_id)
         if not 1 <= limit <= 1000:
             raise InvalidMessage("limit must be between 1 and 1000")
-        start = "-" if cursor is None else "(" + _decode_cursor(cursor, _STREAM_ID)
+        start = "-" if cursor is None else "(" + _decode_stream_cursor(cursor)
         async with self._redis_errors():
             entries = await self.client.xrange(keys.log, min=start, max="+", count=limit + 1) or []
         page = [_parse_entry(e) for e in entries[:limit]]
@@ -375,33 +394,49 @@ class HistoryStore:
     # --- tenant-wide operations -----------------------------------------------------------------------
     async def list_sessions(self, tenant: str, *, limit: int = 100, cursor: str | None = None) -> SessionPage:
         """A page of the tenant's sessions in id order, from the session index (never KEYS or SCAN).
-        Sessions that expired since they were indexed are pruned from the index on the way."""
+
+        Sessions without messages are skipped; those whose log is gone (deleted or expired) are then
+        pruned from the index by one function call that re-checks each log when it runs, so a session
+        re-created since this page was read keeps its entry.
+        """
         index = self.keys.session_index(validate_tenant(tenant))
         if not 1 <= limit <= 1000:
             raise InvalidMessage("limit must be between 1 and 1000")
-        start = "-" if cursor is None else "(" + validate_session_id(_decode_cursor(cursor, re.compile(".+")))
+        start = "-" if cursor is None else "(" + _decode_cursor(cursor, SESSION_ID_PATTERN)
         async with self._redis_errors():
             members = await self.client.zrange(index, start, "+", bylex=True, offset=0, num=limit + 1)
-            ids = [_text(m) for m in members]
-            page_ids = ids[:limit]
+        ids = [_text(m) for m in members]
+        page_ids = ids[:limit]
+        # An index entry that is not a valid id has no keys: skip it (the purge removes it with the index).
+        valid = [self.keys.session(tenant, s) for s in page_ids if SESSION_ID_PATTERN.fullmatch(s)]
+        async with self._redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
-                for session_id in page_ids:
-                    keys = self.keys.session(tenant, session_id)
+                for keys in valid:
                     pipe.xlen(keys.log)
                     pipe.hget(keys.meta, "updated")
                 replies = await pipe.execute()
-            sessions: list[SessionInfo] = []
-            expired: list[str] = []
-            for i, session_id in enumerate(page_ids):
-                count, updated = replies[2 * i], replies[2 * i + 1]
-                if not count:
-                    expired.append(session_id)
-                    continue
-                sessions.append(SessionInfo(session_id, int(count), int(_text(updated) or 0) / 1000.0))
-            if expired:
-                await self.client.zrem(index, *expired)
+        sessions: list[SessionInfo] = []
+        empty: list[SessionKeys] = []
+        for i, keys in enumerate(valid):
+            count, updated = replies[2 * i], replies[2 * i + 1]
+            if not count:
+                empty.append(keys)
+                continue
+            sessions.append(SessionInfo(keys.session_id, int(count), int(_text(updated) or 0) / 1000.0))
+        if empty:
+            await self._prune_index(index, empty)
         next_cursor = _encode_cursor(page_ids[-1]) if len(ids) > limit else None
         return SessionPage(sessions, next_cursor)
+
+    async def _prune_index(self, index: str, sessions: Sequence[SessionKeys]) -> int:
+        """Unindex those of ``sessions`` whose log does not exist, checked atomically with the removal.
+
+        Not a ZREM of what the listing saw: a session deleted and re-created in between would lose its
+        entry, drop out of every listing and out of an index-driven purge until its next turn.
+        """
+        logs = [keys.log for keys in sessions]
+        ids = [keys.session_id for keys in sessions]
+        return int(await self._call(lambda: self.client.fcall(FN_PRUNE_INDEX, 1 + len(logs), index, *logs, *ids)))
 
     async def session_ids(self, tenant: str) -> list[str]:
         """Every live session id of the tenant, page by page from the index."""
@@ -420,23 +455,31 @@ class HistoryStore:
             return int(await self.client.zcard(self.keys.session_index(validate_tenant(tenant))))
 
     async def purge_tenant(self, tenant: str, *, batch: int = 100) -> int:
-        """Delete every session of ``tenant``, ``batch`` at a time from the index. Returns how many."""
-        index = self.keys.session_index(validate_tenant(tenant))
-        deleted = 0
+        """Delete every key of ``tenant`` (its sessions and its session index). Returns how many
+        sessions had keys.
+
+        The keys are found with ``SCAN MATCH <tenant prefix>*``, not from the index: erasure must not
+        depend on the index being complete. So this needs a Redis user allowed to SCAN: the operator's
+        or the CLI's admin user, never a tenant's. Passes repeat until one finds nothing, so keys
+        written during a pass (a turn in flight when the tenant was revoked) go too.
+        """
+        pattern = self.keys.tenant_key_pattern(validate_tenant(tenant))
+        purged: set[str] = set()
         while True:
-            async with self._redis_errors():
-                members = await self.client.zrange(index, 0, batch - 1)
-            if not members:
-                return deleted
-            session_ids = [_text(m) for m in members]
-            async with self._redis_errors():
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for session_id in session_ids:
-                        # An index entry that is not a valid id has no keys: it is only unindexed.
-                        if SESSION_ID_PATTERN.fullmatch(session_id):
-                            keys = self.keys.session(tenant, session_id)
-                            pipe.delete(*keys.session_keys())
-                            self.cache.discard(keys.log)
-                            deleted += 1
-                    pipe.zrem(index, *session_ids)
-                    await pipe.execute()
+            found = 0
+            cursor: int = 0
+            while True:
+                async with self._redis_errors():
+                    cursor, names = await self.client.scan(cursor, match=pattern, count=batch)
+                    if names:
+                        await self.client.delete(*names)
+                found += len(names)
+                for name in map(_text, names):
+                    session_id = self.keys.session_id_of(tenant, name)
+                    if session_id is not None:
+                        purged.add(session_id)
+                        self.cache.discard(self.keys.session(tenant, session_id).log)
+                if cursor == 0:
+                    break
+            if not found:
+                return len(purged)

@@ -42,7 +42,8 @@ OPERATOR_COMMANDS: tuple[str, ...] = (
     "srem",
     "smembers",  # engram tenant list
     "del",  # delete records, purge sessions
-    "zrange",  # purge: walk the session index in batches
+    "scan",  # purge: find every key of the tenant, indexed or not (tenant users never get SCAN)
+    "zrange",
     "zrem",
     "zcard",  # session counts for status
     "multi",  # the record and its timestamps are written together

@@ -189,7 +189,7 @@ async def remove_tenant(
     batch: int = 100,
 ) -> Removal:
     """Revoke the tenant (registry record first, so its API key stops working), delete its ACL user on
-    every node, and with ``purge`` delete its sessions in batches from the session index (never KEYS).
+    every node, and with ``purge`` delete every key of the tenant (SCAN in batches, never KEYS).
 
     With ``owner`` set, a tenant managed by someone else is left alone (:class:`TenantConflict`).
     Safe to repeat after a partial failure.
@@ -228,10 +228,9 @@ def _history(client: aioredis.Redis, keys: KeySpace) -> HistoryStore:
 
 
 async def purge_sessions(client: aioredis.Redis, keys: KeySpace, tenant: str, *, batch: int = 100) -> int:
-    """Delete every session of ``tenant``, ``batch`` at a time from its session index."""
-    purged = await _history(client, keys).purge_tenant(tenant, batch=batch)
-    await redis_call(lambda: client.delete(keys.session_index(tenant)), "delete session index")
-    return purged
+    """Delete every key of ``tenant`` (sessions and session index; its registry record is not one of
+    them) with SCAN MATCH on its prefix, ``batch`` per step: a session the index misses goes too."""
+    return await _history(client, keys).purge_tenant(tenant, batch=batch)
 
 
 async def count_sessions(client: aioredis.Redis, keys: KeySpace, tenant: str) -> int:

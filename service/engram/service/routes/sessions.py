@@ -15,7 +15,8 @@ from engram.service.schemas import ERROR_RESPONSES, ErrorBody, MessageList, Mess
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES)
 
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
-Cursor = Annotated[str | None, Query(max_length=512, description="`next` of the previous page")]
+# checked by the store (422 invalid_cursor, also when too long); the limit is only published in the OpenAPI document
+Cursor = Annotated[str | None, Query(description="`next` of the previous page", json_schema_extra={"maxLength": 512})]
 # checked by validate_session_id (422 invalid_session_id); the pattern is only published in the OpenAPI document
 SessionId = Annotated[
     str,
