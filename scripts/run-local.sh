@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole Engram stack on one machine, no cluster: redis-server (AOF on, data under ./.run/redis),
 # REPLICAS chat service replicas, and HAProxy round-robin in front of them (no session affinity).
-# Ctrl-C stops everything; the next run finds the conversations of this one.
+# Ctrl-C (or SIGTERM) stops everything; the next run finds the conversations of this one. Started in the
+# background by a non-interactive shell, it inherits SIGINT ignored, which bash cannot trap: stop it
+# with SIGTERM there.
 #
 #   REPLICAS=3 scripts/run-local.sh          (what `make run` does)
 #

@@ -69,7 +69,7 @@ def cr_path(name: str | None = None, namespace: str = NAMESPACE) -> str:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]] | Callable[[], Any], timeout: float = 15.0, interval: float = 0.05
+    check: Callable[[], Awaitable[Any]] | Callable[[], Any], timeout: float = 60.0, interval: float = 0.05
 ) -> Any:
     """Poll ``check`` until it returns something truthy (returns that) or raise after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -159,6 +159,75 @@ ROWS: list[Row] = [
             f"statuses {_errors(f['statuses'])}; {f['server_errors']} 5xx",
         ),
     ),
+    (
+        "Redis full (maxmemory, noeviction)",
+        "store_full",
+        lambda f: (
+            "one replica, a session with one turn",
+            "maxmemory lowered under used memory",
+            f"{f['turns']} turns (JSON, streamed), a delete, /readyz",
+            "0",
+            f"{f['status']} store_full, model called {f['model_calls']}×; /readyz {f['readyz']}; "
+            f"delete {f['delete_status']} (frees space)",
+        ),
+    ),
+    (
+        "Redis read-only (a replica)",
+        "store_read_only",
+        lambda f: (
+            "one replica",
+            "REPLICAOF a dead primary, then back",
+            "one turn, /readyz",
+            "0",
+            f"{f['status']} store_read_only + Retry-After, model called {f['model_calls']}×; /readyz {f['readyz']}",
+        ),
+    ),
+    (
+        "Redis frozen during a commit",
+        "commit_outcome_unknown",
+        lambda f: (
+            "one turn without turn_id, model 1 s",
+            "SIGSTOP of redis-server while the model runs, socket timeout 0.5 s, then SIGCONT",
+            "—",
+            "0",
+            f"{f['status']} outcome_unknown with a server-made turn_id; the queued commit ran; "
+            f"a retry with that turn_id: {f['messages_after_retry']} messages stored (never twice)",
+        ),
+    ),
+    (
+        "Burst on one replica",
+        "burst_200_one_replica",
+        lambda f: (
+            "200 first turns at once, 1 replica, 16 Redis connections",
+            "—",
+            "—",
+            "0",
+            f"statuses {_errors(f['statuses'])}; p99 {f['p99_s']} s (excess calls wait for a connection)",
+        ),
+    ),
+    (
+        "Model error echoing the API key",
+        "model_error_text",
+        lambda f: (
+            "one replica, a model server that answers 500 with the request headers",
+            "—",
+            f"{f['turns']} turns (JSON, streamed)",
+            "0",
+            f"{f['status']} model_failed naming type and upstream status; "
+            f"key in answers {f['key_in_answers']}×, in the log {f['key_in_log']}×",
+        ),
+    ),
+    (
+        "A turn id reused for another message",
+        "turn_id_reused",
+        lambda f: (
+            "one replica",
+            "—",
+            "the same turn_id with another message (JSON, streamed)",
+            "0",
+            f"{f['status']} turn_id_reused; {f['stored_messages']} messages stored (unchanged)",
+        ),
+    ),
     ("Soak 30 s (make test)", "soak_30s", lambda f: _soak(f)),
     ("Soak 10 min (make soak)", "soak_10min", lambda f: _soak(f)),
     (

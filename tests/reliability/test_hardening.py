@@ -55,6 +55,7 @@ def test_a_full_redis_answers_507_before_the_model_runs_and_deleting_a_session_f
         admin.config_set("maxmemory", "0")
         assert httpx.get(replica.url + "/readyz").status_code == 200
         assert chat(replica.url, "s2", "room again").status_code == 200
+    record("store_full", turns=2, status=507, model_calls=0, readyz=503, delete_status=deleted.status_code)
 
 
 def test_a_read_only_redis_answers_503_with_retry_after_before_the_model_runs(
@@ -78,6 +79,7 @@ def test_a_read_only_redis_answers_503_with_retry_after_before_the_model_runs(
             admin.replicaof("NO", "ONE")
         assert httpx.get(replica.url + "/readyz").status_code == 200
         assert chat(replica.url, "s1", "back").status_code == 200
+    record("store_read_only", status=503, model_calls=0, readyz=503)
 
 
 def test_a_commit_without_answer_is_503_outcome_unknown_with_a_turn_id_whose_retry_never_stores_twice(
@@ -125,6 +127,7 @@ def test_model_errors_reach_clients_as_a_summary_without_their_text_or_the_api_k
             assert secret not in response.text and "upstream rejected" not in response.text  # ...not to tenants
             assert "status 500" in message
         assert secret not in replica.log()  # nor into the service log
+    record("model_error_text", turns=2, status=502, key_in_answers=0, key_in_log=0)
 
 
 def test_readyz_does_not_say_where_redis_is(redis_server: RedisServer, make_service: MakeService) -> None:
@@ -178,3 +181,4 @@ def test_a_turn_id_reused_for_another_message_is_409_and_changes_nothing(
     retry = chat(replica.url, "s1", "my name is Ada", turn_id="t1")  # a real retry is still answered
     assert retry.status_code == 200 and retry.json()["reply"] == first.json()["reply"]
     assert admin.xlen(KEYS.session(TENANT, "s1").log) == 2
+    record("turn_id_reused", status=409, stored_messages=2)

@@ -81,7 +81,7 @@ def test_client_leaving_mid_stream_commits_nothing_and_a_retry_stores_the_turn_o
             assert next(line for line in lines if line.startswith("event:")) == "event: token"
         # the connection is closed here, with most of the reply still to come
         poll_until(
-            lambda: metric(scrape(replica.url), "engram_turns_total", outcome="abandoned") == 1, 5, "abandoned counted"
+            lambda: metric(scrape(replica.url), "engram_turns_total", outcome="abandoned") == 1, 30, "abandoned counted"
         )
         # longer than the rest of the reply would have taken: the turn never appears, not even half of it
         assert holds_for(lambda: client.xlen(log) == 0, pieces * piece_delay + 1.0)

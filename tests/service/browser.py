@@ -69,7 +69,7 @@ class Page:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float = 20.0) -> Any:
+    def wait_for(self, expression: str, timeout: float = 60.0) -> Any:
         deadline = time.monotonic() + timeout
         while True:
             value = self.evaluate(expression)

@@ -46,7 +46,7 @@ def test_retry_with_the_same_turn_id_returns_the_first_result_and_stores_once(se
     session = new_session("retry")
     chat(service.url, session, "first")
     one = chat(service.url, session, "second", turn_id="turn-2")
-    again = chat(service.url, session, "second (sent again)", turn_id="turn-2")
+    again = chat(service.url, session, "second", turn_id="turn-2")  # another message: 409 (test_hardening.py)
     assert one.status_code == again.status_code == 200
     assert again.json()["reply"] == one.json()["reply"]
     assert again.json()["turn_id"] == "turn-2"

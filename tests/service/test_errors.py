@@ -206,7 +206,7 @@ def test_redis_outage_gives_fast_503s_and_the_service_recovers_by_itself(
         assert_error(chat(replica.url, "outage", "anyone?"), 503, "store_unavailable")
 
         server.start()
-        replica.wait("/readyz", timeout=10)
+        replica.wait("/readyz", timeout=30)
         assert chat(replica.url, "outage", "remember the number 7").status_code == 200
 
         server.kill()
@@ -224,7 +224,7 @@ def test_redis_outage_gives_fast_503s_and_the_service_recovers_by_itself(
         assert httpx.get(replica.url + "/healthz").status_code == 200
 
         server.start()  # same data dir: the AOF brings the conversation back
-        replica.wait("/readyz", timeout=10)
+        replica.wait("/readyz", timeout=30)
         again = chat(replica.url, "outage", "what number?")
         assert again.status_code == 200 and '"remember the number 7"' in again.json()["reply"]
         samples = scrape(replica.url)

@@ -37,7 +37,15 @@ def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_ru
     url = f"http://127.0.0.1:{lb}"
     output = tmp_path / "run-local.out"
 
-    with LocalStack(env, log=output) as stack:
+    stack = LocalStack(env, log=output)
+    # As under a CI runner: the test run started in the background inherits SIGINT ignored (bash cannot
+    # trap a signal ignored on entry). The harness must still hand the script a working Ctrl-C.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stack.spawn()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with stack:
         printed = stack.output
         assert re.search(r"ready in \d+\.\d+s\. Press Ctrl-C", printed), printed
         # Auth is on by default: the printed page URL carries the demo tenant's key in its fragment.

@@ -32,6 +32,14 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A test run started in the background by a
+    non-interactive shell (as CI runners do) inherits SIGINT *ignored*, and bash can neither trap nor
+    reset a signal ignored on entry, so the script would never see our Ctrl-C. A terminal's Ctrl-C always
+    reaches a `make run` whose SIGINT is not ignored: this gives the script the same start."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class LocalStack:
     """One run of ``scripts/run-local.sh``; its output is kept in ``lines`` (and appended to ``log``)."""
 
@@ -59,6 +67,7 @@ class LocalStack:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # its own process group: see stop()
+            preexec_fn=_default_sigint,
         )
         threading.Thread(target=self._drain, daemon=True).start()
         return self
@@ -109,7 +118,7 @@ class LocalStack:
         return self.process.returncode
 
     def __enter__(self) -> LocalStack:
-        return self.start()
+        return self.start() if self.process is None else self.wait_ready()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -91,6 +91,7 @@ class MessageList(BaseModel):
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    turn_id: str | None = Field(None, description="with `outcome_unknown`: the turn id to retry with")
 
 
 class ErrorBody(BaseModel):
@@ -107,5 +108,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody, "description": "missing or unknown API key"},
     413: {"model": ErrorBody, "description": "message over the size limit"},
     422: {"model": ErrorBody, "description": "invalid session id, cursor or body"},
-    503: {"model": ErrorBody, "description": "Redis unavailable (retry)"},
+    503: {
+        "model": ErrorBody,
+        "description": "Redis unavailable or read-only (retry); `outcome_unknown`: retry with `error.turn_id`",
+    },
+    507: {"model": ErrorBody, "description": "Redis is full (maxmemory); nothing was stored"},
 }

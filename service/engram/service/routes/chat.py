@@ -22,6 +22,7 @@ CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
         '(`{"text"}`) then one `done` event with the JSON reply fields (or one `error` event)',
         "content": {"text/event-stream": {}},
     },
+    409: {"model": ErrorBody, "description": "`turn_id` already used for a different message"},
     502: {"model": ErrorBody, "description": "the model failed; nothing was stored"},
 }
 
