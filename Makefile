@@ -53,7 +53,7 @@ run: install ## Local stack: redis-server, $(REPLICAS) replicas, HAProxy round-r
 	REPLICAS=$(REPLICAS) scripts/run-local.sh
 
 .PHONY: bench
-bench: install ## Benchmarks: per-turn cost vs the alternatives, end to end through make run's stack, footprint (writes docs/benchmarks.md)
+bench: install ## Benchmarks: per-turn cost vs the alternatives, end to end through make run's stack, footprint, bursts on one replica (writes docs/benchmarks.md)
 	$(PY) -m bench
 
 include deploy/deploy.mk

@@ -282,10 +282,30 @@ def end_to_end_section(e2e: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+def burst_section(burst: dict[str, Any]) -> list[str]:
+    out = [
+        "",
+        "## 5. Bursts on one replica",
+        "",
+        burst["setup"] + ". A burst above the connection pool waits for a connection instead of failing.",
+        "",
+        "| round | concurrency | statuses | errors | p50 (ms) | p99 (ms) | one turn alone, p50 (ms) | p99 / alone |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in burst["bursts"]:
+        statuses = ", ".join(f"{count}× {status}" for status, count in sorted(b["statuses"].items()))
+        out.append(
+            f"| {b['round']} | {b['concurrency']} | {statuses} | {b['errors']} | {fmt_ms(b['p50_ms'])} | "
+            f"{fmt_ms(b['p99_ms'])} | {fmt_ms(b['alone_p50_ms'])} | {b['p99_over_alone']}× |"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--turn-cost", type=Path, default=RESULTS / "turn_cost.json")
     parser.add_argument("--end-to-end", type=Path, default=RESULTS / "end_to_end.json")
+    parser.add_argument("--burst", type=Path, default=RESULTS / "burst.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     rows = json.loads(args.turn_cost.read_text())
@@ -303,6 +323,8 @@ def main() -> None:
     lines += [f"![per-turn cost vs history length]({png.name})", ""]
     if e2e:
         lines += end_to_end_section(e2e)
+    if args.burst.exists():
+        lines += burst_section(json.loads(args.burst.read_text()))
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out} and {png}")
 

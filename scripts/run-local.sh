@@ -151,8 +151,11 @@ http_ok() (  # http_ok PORT PATH: a 200 from a plain HTTP/1.0 GET
 )
 
 # --- redis ------------------------------------------------------------------------------------------------
+# An aclfile: the tenants' ACL users (ACL SAVEd by `engram tenant`) survive restarts of this Redis.
+touch "$RUN_DIR/redis/users.acl"
 start redis "$RUN_DIR/logs/redis.log" "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 \
-    --dir "$RUN_DIR/redis" --appendonly yes --appendfsync everysec --save "" --protected-mode yes
+    --dir "$RUN_DIR/redis" --appendonly yes --appendfsync everysec --save "" --protected-mode yes \
+    --aclfile "$RUN_DIR/redis/users.acl"
 wait_until "redis-server" "${pids[-1]}" 10 redis_ping
 
 # --- the demo tenant (the same reconcile code as the operator, applied to Redis only) ------------------------
@@ -206,7 +209,7 @@ echo
 say "Engram is running: $REPLICAS replicas behind HAProxy ($lb_mode)"
 say "  chat page   http://$host:$PORT/$page_fragment"
 [[ -n "$page_fragment" ]] && say "  API key     tenant demo (also in $RUN_DIR/demo-api-key): send it as 'Authorization: Bearer <key>'"
-say "  API         http://$host:$PORT/v1/chat   (OpenAPI: http://$host:$PORT/docs)"
+say "  API         http://$host:$PORT/v1/chat   (OpenAPI: http://$host:$PORT/openapi.json)"
 for ((i = 1; i <= REPLICAS; i++)); do
     say "  metrics     replica $i: http://127.0.0.1:$((REPLICA_BASE_PORT + i - 1))/metrics"
 done

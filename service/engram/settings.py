@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     )
     namespace: str = Field("engram", description="first segment of every Redis key")
 
+    # --- HTTP ---------------------------------------------------------------------------------------------
+    docs_ui: bool = Field(
+        False,
+        description="serve Swagger UI at /docs; off by default: it loads its assets from a CDN, on the origin "
+        "whose localStorage holds the page's API key (/openapi.json is always served)",
+    )
+
     # --- memory policy (defaults; a tenant's registry record may override) ------------------------------
     token_limit: int = Field(3000, ge=16, le=1_000_000, description="tokens of history given to the model")
     session_ttl_seconds: int = Field(7 * 24 * 3600, ge=0, description="idle sessions expire; 0 = never")

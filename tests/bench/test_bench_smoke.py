@@ -64,6 +64,13 @@ def check_end_to_end(result: dict[str, Any]) -> None:
     assert result["footprint"]["ready_s"] > 0
 
 
+def check_burst(result: dict[str, Any]) -> None:
+    assert [b["concurrency"] for b in result["bursts"]] == [10, 20]
+    for b in result["bursts"]:
+        assert b["statuses"] == {"200": b["concurrency"]} and b["errors"] == 0, b
+        assert 0 < b["p50_ms"] <= b["p99_ms"] and b["alone_p50_ms"] > 0, b
+
+
 def check_report(markdown: str) -> None:
     assert "## Targets" in markdown and "| target | where we stand | met |" in markdown
     assert "| 2 Redis round trips per turn | 2.0–2.0 | yes |" in markdown
@@ -72,7 +79,13 @@ def check_report(markdown: str) -> None:
     assert "the window is full" in markdown  # why cold cost grows from 10 to 100 and not after
     for name in ALL_CONTENDERS:
         assert f"| `{name}` |" in markdown
-    for heading in ("## 1. Per-turn memory cost", "## 2. Redis work per turn", "## 3. End to end", "## 4. Footprint"):
+    for heading in (
+        "## 1. Per-turn memory cost",
+        "## 2. Redis work per turn",
+        "## 3. End to end",
+        "## 4. Footprint",
+        "## 5. Bursts on one replica",
+    ):
         assert heading in markdown
     for stack in ("engram", "stateless", "sticky"):
         assert f"| `{stack}` |" in markdown and f"RSS per worker after warm-up, `{stack}`" in markdown
@@ -90,6 +103,10 @@ def test_bench_harness_at_tiny_sizes_writes_complete_results_and_report(tmp_path
     finish(e2e, tmp_path / "e2e.log")
     check_turn_cost(json.loads(turn_cost.read_text()))
     check_end_to_end(json.loads(end_to_end.read_text()))
+    burst = tmp_path / "burst.json"
+    bursts = bench("burst", "--concurrency", "10,20", "--rounds", "1", "--json", str(burst), log=tmp_path / "b.log")
+    finish(bursts, tmp_path / "b.log")
+    check_burst(json.loads(burst.read_text()))
 
     report = bench(
         "report",
@@ -97,6 +114,8 @@ def test_bench_harness_at_tiny_sizes_writes_complete_results_and_report(tmp_path
         str(turn_cost),
         "--end-to-end",
         str(end_to_end),
+        "--burst",
+        str(burst),
         "--out",
         str(out),
         log=tmp_path / "report.log",

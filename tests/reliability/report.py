@@ -228,6 +228,17 @@ ROWS: list[Row] = [
             f"{f['status']} turn_id_reused; {f['stored_messages']} messages stored (unchanged)",
         ),
     ),
+    (
+        "Slow request headers (slowloris)",
+        "slow_request_headers",
+        lambda f: (
+            "HAProxy in front of one replica",
+            "a client that sends half its request headers, then nothing",
+            "—",
+            "0",
+            f"HAProxy answers {f['status']} and closes after {f['seconds']} s (timeout http-request 10s)",
+        ),
+    ),
     ("Soak 30 s (make test)", "soak_30s", lambda f: _soak(f)),
     ("Soak 10 min (make soak)", "soak_10min", lambda f: _soak(f)),
     (

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import threading
 import time
 
 import httpx
 import redis
 
+from tests.reliability.conftest import MakeStack
 from tests.reliability.fake_model import FakeModel
 from tests.reliability.support import KEYS, TENANT, record
 from tests.service.conftest import MakeService
@@ -182,3 +184,31 @@ def test_a_turn_id_reused_for_another_message_is_409_and_changes_nothing(
     assert retry.status_code == 200 and retry.json()["reply"] == first.json()["reply"]
     assert admin.xlen(KEYS.session(TENANT, "s1").log) == 2
     record("turn_id_reused", status=409, stored_messages=2)
+
+
+def test_swagger_ui_is_off_by_default_and_the_openapi_document_is_served(
+    redis_server: RedisServer, make_service: MakeService
+) -> None:
+    replica = make_service(redis_server.url).start()
+    assert httpx.get(replica.url + "/docs").status_code == 404  # it would load scripts from a CDN
+    assert httpx.get(replica.url + "/openapi.json").json()["info"]["title"] == "Engram"
+
+
+def test_oversized_request_headers_get_431_from_the_service_and_400_from_haproxy(make_stack: MakeStack) -> None:
+    stack = make_stack(replicas=1)
+    big = {"X-Padding": "x" * 20_000}
+    direct = httpx.get(stack.replicas[0].url + "/healthz", headers=big)
+    assert direct.status_code == 431 and direct.json()["error"]["code"] == "headers_too_large"
+    assert httpx.get(stack.url + "/healthz", headers=big).status_code == 400  # HAProxy's 16 KiB buffer
+
+
+def test_haproxy_drops_a_request_whose_headers_never_finish(make_stack: MakeStack) -> None:
+    stack = make_stack(replicas=1)
+    with socket.create_connection(("127.0.0.1", stack.lb.port), timeout=30) as slow:
+        slow.sendall(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\n")  # ...and nothing more (slowloris)
+        started = time.monotonic()
+        answer = slow.recv(4096)
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+    assert waited < 25  # `timeout http-request 10s`, not the 120 s client timeout
+    record("slow_request_headers", status=408, seconds=round(waited, 1))

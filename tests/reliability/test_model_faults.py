@@ -2,11 +2,10 @@
 streamed reply: nothing is committed (no half turn, no orphan user message); a retry with the same
 ``turn_id`` runs the turn again and stores it once.
 
-Why nothing: ``SimpleChatEngine.astream_chat`` reads the model's stream in a background task that puts
-the reply into EngramMemory (which commits the pair) when the stream ends. When the client goes away,
-Starlette cancels the response; LlamaIndex's ``async_response_gen`` awaits that background task in its
-``finally``, so the cancellation reaches it and it stops before the commit. The turn is counted
-``abandoned`` in ``engram_turns_total``.
+Why nothing: the service reads the model's stream in the request's task and commits the pair only when
+the stream has ended. When the client goes away the response closes the turn, which closes the model's
+stream and its HTTP response: the model stops generating (the fake model never finishes its stream) and
+nothing is committed. The turn is counted ``abandoned`` in ``engram_turns_total``.
 """
 
 from __future__ import annotations
@@ -86,6 +85,8 @@ def test_client_leaving_mid_stream_commits_nothing_and_a_retry_stores_the_turn_o
         # longer than the rest of the reply would have taken: the turn never appears, not even half of it
         assert holds_for(lambda: client.xlen(log) == 0, pieces * piece_delay + 1.0)
         assert_nothing_stored(client, session)
+        # and the model call was cancelled: its stream was cut, not generated (and billed) to the end
+        assert model.streams_finished == 0
 
         # the client retries with the same turn_id: the turn runs again and is stored once
         retry = chat(replica.url, session, "tell me a long story", turn_id=tid)

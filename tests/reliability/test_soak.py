@@ -88,7 +88,7 @@ async def soak(stack: Stack, seconds: float) -> Soak:
     return state
 
 
-def soak_scenario(make_stack: MakeStack, seconds: float, scenario: str) -> None:
+def soak_scenario(make_stack: MakeStack, seconds: float, scenario: str, *, check_latency: bool) -> None:
     stack = make_stack(replicas=3)
     state = asyncio.run(soak(stack, seconds))
     result = state.result
@@ -128,14 +128,18 @@ def soak_scenario(make_stack: MakeStack, seconds: float, scenario: str) -> None:
     assert max(growth.values()) <= RSS_GROWTH_LIMIT, (
         f"RSS growth {growth} (KiB {state.baseline_kib} -> {state.final_kib})"
     )
-    assert last_p50 <= first_p50 * 1.5 + 0.005, f"p50 went from {first_p50 * 1000:.1f} ms to {last_p50 * 1000:.1f} ms"
+    if check_latency:  # a timing target: only in the long soak run on its own (make soak), never in make test
+        assert last_p50 <= first_p50 * 1.5 + 0.005, (
+            f"p50 went from {first_p50 * 1000:.1f} ms to {last_p50 * 1000:.1f} ms"
+        )
 
 
-def test_30_second_soak_has_no_errors_flat_memory_and_stable_latency(make_stack: MakeStack) -> None:
-    soak_scenario(make_stack, 30, "soak_30s")
+def test_30_second_soak_has_no_errors_and_flat_memory(make_stack: MakeStack) -> None:
+    # p50 is recorded, not asserted: make test must pass on a busy machine (the 10-minute soak asserts it)
+    soak_scenario(make_stack, 30, "soak_30s", check_latency=False)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(int(os.environ.get("SOAK_SECONDS", "600")) + 300)
 def test_ten_minute_soak_has_no_errors_flat_memory_and_stable_latency(make_stack: MakeStack) -> None:
-    soak_scenario(make_stack, float(os.environ.get("SOAK_SECONDS", "600")), "soak_10min")
+    soak_scenario(make_stack, float(os.environ.get("SOAK_SECONDS", "600")), "soak_10min", check_latency=True)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import redis
 
 from tests.service.browser import Page
 from tests.service.test_web_page import ARTIFACTS, replies, send
@@ -88,7 +89,10 @@ def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_ru
         assert port_is_free(port), f"port {port} still open after Ctrl-C"
 
     with LocalStack({**env, "REPLICAS": "1"}, log=output) as again:
-        assert demo_key in again.output  # the second run reuses the demo tenant and its key
+        assert demo_key in again.output
+        # the demo tenant's Redis ACL user survived the restart (make run's Redis keeps an aclfile)
+        with redis.Redis(port=redis_port) as admin:
+            assert admin.acl_getuser("engram.demo") is not None  # the second run reuses the demo tenant and its key
         page.navigate(url + "/")  # same browser profile: same session id and key, history from Redis's AOF
         page.wait_for("document.querySelectorAll('#messages .msg').length === 8")
         send(page, "and what did I ask you?", len(said))

@@ -14,6 +14,7 @@ from engram.keys import KeySpace
 from engram.settings import get_settings
 from engram.tenancy.apikeys import hash_secret, parse_api_key
 from engram.tenancy.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, main
+from tests.support.redis_server import RedisServer
 
 KEYS = KeySpace()
 
@@ -189,3 +190,45 @@ def test_unreachable_redis_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "list", "--redis-url", "redis://127.0.0.1:1/0")
     assert (code, out) == (EXIT_UNAVAILABLE, "")
     assert "Redis is unavailable" in err
+
+
+def can_log_in(url: str, password_file: Path) -> bool:
+    try:
+        with redis.Redis.from_url(url, username="engram.acme", password=password_file.read_text().strip()) as tenant:
+            return bool(tenant.ping())
+    except redis.exceptions.AuthenticationError:
+        return False
+
+
+def test_a_cli_tenant_keeps_its_redis_user_across_restarts_of_a_redis_with_an_aclfile(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    (tmp_path / "users.acl").touch()
+    server = RedisServer(tmp_path / "redis", None, "--aclfile", str(tmp_path / "users.acl")).start()
+    try:
+        password = tmp_path / "acme.password"
+        created = run(capsys, "create", "acme", "--redis-url", server.url, "--redis-password-file", str(password))
+        assert created[0] == EXIT_OK
+        server.stop()
+        server.start()  # `make run` starts its Redis with an aclfile: ACL SAVE made the user durable
+        assert can_log_in(server.url, password)
+    finally:
+        server.stop()
+
+
+def test_tenant_sync_restores_users_a_restart_lost_and_changes_no_key(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, redis_server: RedisServer, admin: redis.Redis
+) -> None:
+    password = tmp_path / "acme.password"
+    assert run(capsys, "create", "acme", "--redis-password-file", str(password))[0] == EXIT_OK
+    record_before = admin.hgetall(KEYS.tenant_record("acme"))
+    redis_server.stop()
+    redis_server.start()  # no aclfile: users made with ACL SETUSER are gone, the registry (AOF) is not
+    assert not can_log_in(redis_server.url, password)
+
+    code, out, err = run(capsys, "sync")
+    assert (code, out) == (EXIT_OK, "")
+    assert "tenant acme: set ACL user engram.acme" in err
+    assert can_log_in(redis_server.url, password)  # the same password...
+    assert admin.hgetall(KEYS.tenant_record("acme")) == record_before  # ...and the same API key
+    assert run(capsys, "sync")[2].strip().endswith("1 tenants in sync (0 ACL users re-applied)")

@@ -59,6 +59,11 @@ def max_request_bytes(settings: Settings) -> int:
     return settings.max_message_bytes * 6 + 64 * 1024
 
 
+# Request line and headers together: a browser or SDK sends a few KiB at most. Larger is refused with 431
+# before the app runs (HAProxy and the ingress cap them first; see deploy/local/haproxy.cfg.template).
+MAX_HEADER_BYTES = 16 * 1024
+
+
 def configure_logging() -> None:
     logger = logging.getLogger("engram")
     if not logger.handlers:
@@ -81,6 +86,12 @@ class Observed:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
+        if header_bytes > MAX_HEADER_BYTES:
+            await errors.error_response(431, "headers_too_large", f"request headers over {MAX_HEADER_BYTES} bytes")(
+                scope, receive, send
+            )
             return
         started = time.perf_counter()
         status = 500
@@ -172,6 +183,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=engram.__version__,
         summary="Chat with LlamaIndex memory that survives scaling: history in Redis, any replica serves any turn.",
         lifespan=lifespan,
+        docs_url="/docs" if settings.docs_ui else None,
+        redoc_url=None,
     )
     app.state.settings = settings
     errors.install(app)

@@ -18,16 +18,17 @@ model is given only the new message (``history.cache`` is then ``off``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from llama_index.core.chat_engine import SimpleChatEngine
-from llama_index.core.llms import LLM
+from llama_index.core.llms import LLM, ChatMessage, ChatResponseAsyncGen, MessageRole
 from llama_index.core.memory import ChatMemoryBuffer
 
 from engram.errors import EngramError, InvalidInput, MessageTooLarge, OutcomeUnknown, StoreFull, StoreUnavailable
@@ -235,7 +236,11 @@ Event = tuple[str, dict[str, Any]]
 
 
 class StreamingTurn:
-    """A turn whose model has produced its first token: the rest is read by :meth:`events`."""
+    """A turn whose model has produced its first token: the rest is read by :meth:`events`.
+
+    The model's stream is read here, in the request's own task, not by a LlamaIndex background task:
+    when the client leaves, closing :meth:`events` closes the model's stream (and its HTTP response),
+    so an abandoned reply is neither generated to the end nor committed."""
 
     def __init__(
         self,
@@ -244,33 +249,37 @@ class StreamingTurn:
         turn_id: str,
         memory: EngramMemory | None,
         window: Window | None,
-        tokens: AsyncIterator[str] | None,
+        stream: ChatResponseAsyncGen | None,
         first: str,
         clock: metrics.ModelClock,
         started: float,
     ) -> None:
         self.ctx, self.request, self.turn_id = ctx, request, turn_id
-        self.memory, self.window, self.tokens, self.first = memory, window, tokens, first
+        self.memory, self.window, self.stream, self.first = memory, window, stream, first
         self.clock, self.started = clock, started
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         """``("token", {"text"})`` events, then ``("done", reply fields)`` or ``("error", error body)``."""
         outcome = "abandoned"  # unless it reaches done or error: the client went away
         try:
             if self.first:
                 yield "token", {"text": self.first}
-            if self.tokens is not None:
+            if self.stream is not None:
                 parts = [self.first]
                 try:
-                    with metrics.redis_operation("commit"):
-                        async for text in self.tokens:
-                            if text:
-                                parts.append(text)
-                                yield "token", {"text": text}
+                    async for chunk in self.stream:
+                        if chunk.delta:
+                            parts.append(chunk.delta)
+                            yield "token", {"text": chunk.delta}
+                    self.clock.finish("ok")
+                    reply = "".join(parts).strip()
+                    if self.memory is not None:  # the commit: user message and reply, one round trip
+                        with metrics.redis_operation("commit"):
+                            await self.memory.aput(ChatMessage(role=MessageRole.ASSISTANT, content=reply))
                 except Exception as error:
                     raise _model_failure(error, self.clock, self.turn_id) from error
                 if self.memory is None:  # ENGRAM_MEMORY=off: nothing was stored
-                    outcome, reply = "ok", "".join(parts)
+                    outcome = "ok"
                 else:
                     committed = _committed(self.memory, self.request)
                     outcome = "duplicate" if committed.duplicate else "ok"
@@ -284,14 +293,18 @@ class StreamingTurn:
             _, body, _ = error_content(error)
             yield "error", body
         finally:
+            if self.stream is not None:
+                # Closes the model's HTTP response: an abandoned reply stops being generated (and billed).
+                with contextlib.suppress(Exception):
+                    await self.stream.aclose()
             metrics.observe_turn(outcome, time.perf_counter() - self.started)
 
 
-async def _first_text(tokens: AsyncIterator[str]) -> str:
-    """The first non-empty piece (LlamaIndex may hand out an empty one before an error surfaces)."""
-    async for text in tokens:
-        if text:
-            return text
+async def _first_delta(stream: ChatResponseAsyncGen) -> str:
+    """The first non-empty piece of the model's reply (some models send an empty one first)."""
+    async for chunk in stream:
+        if chunk.delta:
+            return chunk.delta
     return ""
 
 
@@ -302,6 +315,7 @@ async def open_stream(ctx: TurnContext, request: ChatRequest) -> StreamingTurn:
         turn_id = validate_request(ctx, request)
         memory: EngramMemory | None = None
         window: Window | None = None
+        user = ChatMessage(role=MessageRole.USER, content=request.message)
         if ctx.memory:
             memory, window = await _begin(ctx, request, turn_id)
             if window.replay is not None:
@@ -309,15 +323,16 @@ async def open_stream(ctx: TurnContext, request: ChatRequest) -> StreamingTurn:
                 return StreamingTurn(
                     ctx, request, turn_id, memory, window, None, window.replay.reply, metrics.ModelClock(), turn.started
                 )
-            engine = SimpleChatEngine.from_defaults(llm=ctx.llm, memory=memory)
+            # What SimpleChatEngine.astream_chat gives the model: the window, then the new message (held
+            # by the memory until the reply commits both).
+            await memory.aput(user)
+            messages = await memory.aget()
         else:
-            engine = _stateless_engine(ctx)
+            messages = [user]
         clock = metrics.start_model_clock()
         try:
-            with metrics.redis_operation("commit"):
-                response = await engine.astream_chat(request.message)
-                tokens = response.async_response_gen()
-                first = await _first_text(tokens)
+            stream = await ctx.llm.astream_chat(messages)
+            first = await _first_delta(stream)
         except Exception as error:
             raise _model_failure(error, clock, turn_id) from error
-    return StreamingTurn(ctx, request, turn_id, memory, window, tokens, first, clock, turn.started)
+    return StreamingTurn(ctx, request, turn_id, memory, window, stream, first, clock, turn.started)

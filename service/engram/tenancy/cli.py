@@ -4,6 +4,7 @@
     engram tenant delete NAME [--purge]
     engram tenant list
     engram tenant rotate-key NAME                                                    prints the new key
+    engram tenant sync                       re-apply every tenant's ACL user (keys and passwords unchanged)
 
 Only the requested value goes to stdout (so ``KEY=$(engram tenant create demo)`` works); everything
 else goes to stderr. Exit codes: 0 done, 1 refused (exists, not found, managed by the operator),
@@ -97,6 +98,13 @@ def add_parser(subparsers: Any) -> None:
     delete.add_argument("--force", action="store_true", help="even if a MemoryNamespace manages the tenant")
 
     command("list", "list tenants: name, policy, owner, sessions", _list)
+
+    command(
+        "sync",
+        "re-apply every tenant's Redis ACL user from its registry record on every node (after a Redis restart "
+        "without an aclfile): API keys and passwords do not change",
+        _sync,
+    )
 
     rotate = command("rotate-key", "give a tenant a new API key (the old one stops working); print it", _rotate)
     rotate.add_argument("name")
@@ -203,6 +211,20 @@ async def _rotate(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, s
     await ensure_tenant(nodes, keys, record)
     _say(f"rotated the API key of tenant {existing.tenant}; the old key stops working within seconds")
     print(api_key)
+    return EXIT_OK
+
+
+async def _sync(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, settings: Settings) -> int:
+    """What the operator's repair timer does for its tenants, for all of them, once: a Redis restarted
+    without an aclfile (or a new replica) has lost the ACL users made with ACL SETUSER."""
+    records = await list_tenants(nodes.primary, keys)
+    changed = 0
+    for record in records:
+        changes = [c for c in await ensure_tenant(nodes, keys, record) if c.startswith("set ACL user")]
+        changed += len(changes)
+        for change in changes:
+            _say(f"tenant {record.tenant}: {change}")
+    _say(f"{len(records)} tenants in sync ({changed} ACL users re-applied)")
     return EXIT_OK
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
+from starlette.types import Send
 
 from engram.service.chat import StreamingTurn, chat_turn, open_stream
 from engram.service.deps import TurnContextDep
@@ -32,8 +34,23 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 async def _event_stream(turn: StreamingTurn) -> AsyncIterator[bytes]:
-    async for event, data in turn.events():
-        yield sse(event, data)
+    async with contextlib.aclosing(turn.events()) as events:  # closed with us: the turn sees the client leave
+        async for event, data in events:
+            yield sse(event, data)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body iterator when it stops, for whatever reason. Starlette
+    stops iterating when a send fails (the client left) but leaves the generator suspended until garbage
+    collection, and with it the model's stream, which would run (and be billed) to the end."""
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
 
 
 @router.post("/v1/chat", response_model=ChatReply, responses=CHAT_RESPONSES)
@@ -44,7 +61,7 @@ async def post_chat(body: ChatRequest, ctx: TurnContextDep) -> Any:
     carries `X-Served-By` (host:pid), set for all routes by the app's outer layer."""
     if body.stream:
         turn = await open_stream(ctx, body)
-        return StreamingResponse(
+        return ClosingStreamingResponse(
             _event_stream(turn),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
