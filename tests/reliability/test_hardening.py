@@ -19,7 +19,7 @@ from tests.reliability.conftest import MakeStack
 from tests.reliability.fake_model import FakeModel
 from tests.reliability.support import KEYS, TENANT, record
 from tests.service.conftest import MakeService
-from tests.service.support import chat
+from tests.service.support import ServiceProcess, chat
 from tests.support.redis_server import RedisServer
 
 
@@ -30,14 +30,21 @@ def fill_until_full(client: redis.Redis) -> None:
     client.config_set("maxmemory", str(used // 2))
 
 
+def replica_after_one_turn(
+    redis_server: RedisServer, make_service: MakeService, model: FakeModel
+) -> tuple[ServiceProcess, int]:
+    """A replica over ``model`` whose session s1 holds one turn; and how often the model was called."""
+    replica = make_service(redis_server.url, **model.service_env(5.0)).start()
+    assert chat(replica.url, "s1", "remember this").status_code == 200
+    return replica, model.requests
+
+
 def test_a_full_redis_answers_507_before_the_model_runs_and_deleting_a_session_frees_space(
     redis_server: RedisServer, make_service: MakeService
 ) -> None:
     admin = redis.Redis(port=redis_server.port, decode_responses=True)
     with FakeModel() as model:
-        replica = make_service(redis_server.url, **model.service_env(5.0)).start()
-        assert chat(replica.url, "s1", "remember this").status_code == 200
-        calls_before = model.requests
+        replica, calls_before = replica_after_one_turn(redis_server, make_service, model)
         fill_until_full(admin)
 
         for stream in (False, True):
@@ -65,9 +72,7 @@ def test_a_read_only_redis_answers_503_with_retry_after_before_the_model_runs(
 ) -> None:
     admin = redis.Redis(port=redis_server.port, decode_responses=True)
     with FakeModel() as model:
-        replica = make_service(redis_server.url, **model.service_env(5.0)).start()
-        assert chat(replica.url, "s1", "hello").status_code == 200
-        calls_before = model.requests
+        replica, calls_before = replica_after_one_turn(redis_server, make_service, model)
         admin.replicaof("127.0.0.1", "1")  # a replica of nothing: read-only, as during a failover
         try:
             response = chat(replica.url, "s1", "still there?")
