@@ -86,7 +86,8 @@ RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 
 # --- stop everything on Ctrl-C or SIGTERM, in bounded time ------------------------------------------------
 # The load balancer and replicas get SIGTERM first (uvicorn finishes in-flight turns), then Redis, so no
-# commit is cut off by its store going away. Whatever has not exited after STOP_GRACE seconds is
+# commit is cut off by its store going away (a terminal's Ctrl-C also reaches every child at once: that
+# order holds for a signal sent to this script alone, as `kill` or a supervisor sends it). Whatever has not exited after STOP_GRACE seconds is
 # SIGKILLed and named: a stuck replica or a keep-alive client cannot hold Ctrl-C hostage.
 STOP_GRACE="${STOP_GRACE:-5}"
 [[ "$STOP_GRACE" =~ ^[0-9]+$ ]] || die "STOP_GRACE must be a whole number of seconds, got '$STOP_GRACE'"

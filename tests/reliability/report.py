@@ -167,7 +167,8 @@ ROWS: list[Row] = [
             "maxmemory lowered under used memory",
             f"{f['turns']} turns (JSON, streamed), a delete, /readyz",
             "0",
-            f"{f['status']} store_full, model called {f['model_calls']}×; /readyz {f['readyz']}; "
+            f"{f['status']} store_full, model called {f['model_calls']}×; /readyz {f['readyz']} (replicas stay in "
+            "the Service, so reads and deletes still work); "
             f"delete {f['delete_status']} (frees space)",
         ),
     ),

@@ -54,17 +54,19 @@ def test_a_full_redis_answers_507_before_the_model_runs_and_deleting_a_session_f
         assert model.requests == calls_before  # refused by the load, before any model call
         assert admin.xlen(KEYS.session(TENANT, "s1").log) == 2  # what was stored is intact
 
+        # degraded, not unready: taking every replica out of the Service would also stop the deletes below
         ready = httpx.get(replica.url + "/readyz")
-        assert ready.status_code == 503 and ready.json()["detail"] == "Redis is full (maxmemory)"
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        assert ready.json()["detail"] == "Redis is full (maxmemory)"
 
         deleted = httpx.delete(replica.url + "/v1/sessions/s1")  # a tenant can still free space
         assert deleted.status_code in (200, 204), deleted.text
         assert admin.exists(KEYS.session(TENANT, "s1").log) == 0
 
         admin.config_set("maxmemory", "0")
-        assert httpx.get(replica.url + "/readyz").status_code == 200
+        assert httpx.get(replica.url + "/readyz").json()["status"] == "ok"
         assert chat(replica.url, "s2", "room again").status_code == 200
-    record("store_full", turns=2, status=507, model_calls=0, readyz=503, delete_status=deleted.status_code)
+    record("store_full", turns=2, status=507, model_calls=0, readyz="200 degraded", delete_status=deleted.status_code)
 
 
 def test_a_read_only_redis_answers_503_with_retry_after_before_the_model_runs(
@@ -81,12 +83,13 @@ def test_a_read_only_redis_answers_503_with_retry_after_before_the_model_runs(
             assert response.headers["Retry-After"] == "1"
             assert model.requests == calls_before
             ready = httpx.get(replica.url + "/readyz")
-            assert ready.status_code == 503 and ready.json()["detail"] == "Redis is read-only (a replica)"
+            assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+            assert ready.json()["detail"] == "Redis refuses writes (read-only replica or too few replicas)"
         finally:
             admin.replicaof("NO", "ONE")
-        assert httpx.get(replica.url + "/readyz").status_code == 200
+        assert httpx.get(replica.url + "/readyz").json()["status"] == "ok"
         assert chat(replica.url, "s1", "back").status_code == 200
-    record("store_read_only", status=503, model_calls=0, readyz=503)
+    record("store_read_only", status=503, model_calls=0, readyz="200 degraded")
 
 
 def test_a_commit_without_answer_is_503_outcome_unknown_with_a_turn_id_whose_retry_never_stores_twice(
@@ -135,6 +138,22 @@ def test_model_errors_reach_clients_as_a_summary_without_their_text_or_the_api_k
             assert "status 500" in message
         assert secret not in replica.log()  # nor into the service log
     record("model_error_text", turns=2, status=502, key_in_answers=0, key_in_log=0)
+
+
+def test_too_few_replicas_for_min_replicas_to_write_is_503_not_500(
+    redis_server: RedisServer, make_service: MakeService
+) -> None:
+    admin = redis.Redis(port=redis_server.port, decode_responses=True)
+    replica = make_service(redis_server.url).start()
+    admin.config_set("min-replicas-to-write", "1")  # and there is none: Redis answers -NOREPLICAS
+    try:
+        response = chat(replica.url, "s1", "hello")
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "store_read_only"
+        assert httpx.get(replica.url + "/readyz").json()["status"] == "degraded"
+    finally:
+        admin.config_set("min-replicas-to-write", "0")
+    assert chat(replica.url, "s1", "hello").status_code == 200
 
 
 def test_readyz_does_not_say_where_redis_is(redis_server: RedisServer, make_service: MakeService) -> None:

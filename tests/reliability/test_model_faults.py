@@ -106,3 +106,23 @@ def test_client_leaving_mid_stream_commits_nothing_and_a_retry_stores_the_turn_o
         turns_stored_after_retry=1,
         model_requests=model.requests,
     )
+
+
+def test_client_leaving_before_the_first_token_stops_the_model_and_commits_nothing(
+    redis_server: RedisServer, make_service: MakeService
+) -> None:
+    # The model thinks for a second before its first piece; the client gives up before that, so the
+    # response has not started when it leaves.
+    with FakeModel("reply", delay=1.0, pieces=10, piece_delay=0.2) as model:
+        replica = make_service(redis_server.url, **model.service_env(10)).start()
+        client = redis.Redis(port=redis_server.port, decode_responses=True)
+        body = {"session_id": "leaves-early", "message": "tell me a long story", "stream": True}
+        try:
+            httpx.post(replica.url + "/v1/chat", json=body, timeout=0.5)
+        except httpx.TimeoutException:
+            pass  # the client hangs up here, while the model is still thinking
+        poll_until(
+            lambda: metric(scrape(replica.url), "engram_turns_total", outcome="abandoned") == 1, 30, "abandoned counted"
+        )
+        assert holds_for(lambda: client.xlen(KEYS.session(TENANT, "leaves-early").log) == 0, 3.0)
+        assert model.requests == 1 and model.streams_finished == 0  # the model's stream was cut

@@ -35,6 +35,8 @@ def _signal(process: subprocess.Popen[bytes] | subprocess.Popen[str], sig: int) 
 def stop_process(process: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds; always reaped. A process
     started with ``start_new_session=True`` is stopped with its whole group (its children too)."""
+    # Known only while the process is not reaped yet: afterwards its pid may belong to someone else.
+    leads_group = process.returncode is None and _leads_group(process.pid)
     if process.poll() is None:
         _signal(process, signal.SIGTERM)
         try:
@@ -42,9 +44,17 @@ def stop_process(process: subprocess.Popen[bytes] | subprocess.Popen[str], timeo
         except subprocess.TimeoutExpired:
             _signal(process, signal.SIGKILL)
             process.wait(timeout=timeout)
-    # Children left in its group (none, unless it led one). A pid is never reused while a group of that
-    # id has members, so this cannot hit anyone else's group.
-    kill_group(process.pid)
+    if leads_group:
+        # Children left in its group. A pid is not reused while a group of that id has members, so
+        # this reaches only what it started.
+        kill_group(process.pid)
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
 
 
 @dataclass(frozen=True)

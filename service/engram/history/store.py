@@ -2,9 +2,10 @@
 
 A chat turn costs two Redis round trips, whatever the length of the conversation:
 
-1. :meth:`HistoryStore.load_window` - one ``FCALL_RO`` that validates this process's cached tail and
-   returns only what changed (``hit`` / ``delta``), or the newest messages that fit the token budget
-   (``miss``), reading about one window of entries and never the whole session.
+1. :meth:`HistoryStore.load_window` - one ``FCALL`` (write-checked: refused when a commit would be)
+   that validates this process's cached tail and returns only what changed (``hit`` / ``delta``), or
+   the newest messages that fit the token budget (``miss``), reading about one window of entries and
+   never the whole session.
 2. :meth:`HistoryStore.commit_turn` - one ``FCALL`` that appends the user message and the reply
    adjacently and atomically, refreshes the TTL, applies the retention cap and updates the tenant's
    session index. Idempotent by ``turn_id``.
@@ -162,6 +163,11 @@ class HistoryStore:
             raise StoreFull("Redis is full (maxmemory reached): it refuses writes until space is freed") from error
         except ReadOnlyError as error:  # a replica, e.g. during a failover: writes come back with the primary
             raise StoreReadOnly("Redis is read-only (a replica): it refuses writes") from error
+        except ResponseError as error:
+            # Writes refused for now: too few replicas (min-replicas-to-write) or failing snapshots.
+            if str(error).startswith(("NOREPLICAS", "MISCONF")):
+                raise StoreReadOnly(f"Redis refuses writes for now: {str(error).split('.')[0]}") from error
+            raise
 
     async def _call(self, make_call: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis call; load the function library once if Redis says it is missing."""

@@ -27,10 +27,12 @@ SYNC_CALL_TIMEOUT_SECONDS = 30.0
 def clone_store(store: HistoryStore) -> HistoryStore:
     """A store with the same settings and a fresh connection pool (for use on another loop)."""
     pool = store.client.connection_pool
+    extra: dict[str, Any] = {"timeout": pool.timeout} if isinstance(pool, aioredis.BlockingConnectionPool) else {}
     client = aioredis.Redis(
         connection_pool=type(pool)(
             connection_class=pool.connection_class,
             max_connections=pool.max_connections,
+            **extra,
             **pool.connection_kwargs,
         )
     )

@@ -31,7 +31,15 @@ from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.llms import LLM, ChatMessage, ChatResponseAsyncGen, MessageRole
 from llama_index.core.memory import ChatMemoryBuffer
 
-from engram.errors import EngramError, InvalidInput, MessageTooLarge, OutcomeUnknown, StoreFull, StoreUnavailable
+from engram.errors import (
+    EngramError,
+    InvalidInput,
+    MessageTooLarge,
+    OutcomeUnknown,
+    StoreFull,
+    StoreReadOnly,
+    StoreUnavailable,
+)
 from engram.history.store import HistoryStore, validate_turn_id
 from engram.keys import validate_session_id
 from engram.llama_index import EngramMemory
@@ -132,7 +140,7 @@ def _model_failure(error: Exception, clock: metrics.ModelClock, turn_id: str) ->
     if isinstance(error, MessageTooLarge):
         clock.finish("ok")
         return ModelFailed(f"the model's reply cannot be stored: {error}")
-    if isinstance(error, StoreUnavailable) and not isinstance(error, OutcomeUnknown):
+    if isinstance(error, StoreUnavailable) and not isinstance(error, OutcomeUnknown | StoreReadOnly):
         clock.finish("ok")
         return OutcomeUnknown(str(error), turn_id)
     if isinstance(error, EngramError):
@@ -257,6 +265,17 @@ class StreamingTurn:
         self.ctx, self.request, self.turn_id = ctx, request, turn_id
         self.memory, self.window, self.stream, self.first = memory, window, stream, first
         self.clock, self.started = clock, started
+        self._observed = False
+
+    async def aclose(self) -> None:
+        """Close the model's stream (and its HTTP response); count the turn ``abandoned`` if :meth:`events`
+        never ran to count it (the client left before the first byte was sent). Safe to call twice."""
+        if self.stream is not None:
+            with contextlib.suppress(Exception):
+                await self.stream.aclose()
+        if not self._observed:
+            self._observed = True
+            metrics.observe_turn("abandoned", time.perf_counter() - self.started)
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """``("token", {"text"})`` events, then ``("done", reply fields)`` or ``("error", error body)``."""
@@ -293,11 +312,10 @@ class StreamingTurn:
             _, body, _ = error_content(error)
             yield "error", body
         finally:
-            if self.stream is not None:
-                # Closes the model's HTTP response: an abandoned reply stops being generated (and billed).
-                with contextlib.suppress(Exception):
-                    await self.stream.aclose()
-            metrics.observe_turn(outcome, time.perf_counter() - self.started)
+            if not self._observed:
+                self._observed = True
+                metrics.observe_turn(outcome, time.perf_counter() - self.started)
+            await self.aclose()  # an abandoned reply stops being generated (and billed)
 
 
 async def _first_delta(stream: ChatResponseAsyncGen) -> str:

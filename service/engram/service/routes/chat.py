@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from engram.service.chat import StreamingTurn, chat_turn, open_stream
 from engram.service.deps import TurnContextDep
@@ -39,18 +39,29 @@ async def _event_stream(turn: StreamingTurn) -> AsyncIterator[bytes]:
             yield sse(event, data)
 
 
-class ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that closes its body iterator when it stops, for whatever reason. Starlette
-    stops iterating when a send fails (the client left) but leaves the generator suspended until garbage
-    collection, and with it the model's stream, which would run (and be billed) to the end."""
+class TurnStreamingResponse(StreamingResponse):
+    """Streams a turn's events and always closes the turn when the response ends, however it ends.
+    Starlette stops iterating when the client leaves but leaves the body suspended until garbage
+    collection, or (ASGI < 2.4) cancels it before it starts; the turn's model stream would then run,
+    and be billed, to the end."""
 
-    async def stream_response(self, send: Send) -> None:
+    def __init__(self, turn: StreamingTurn) -> None:
+        super().__init__(
+            _event_stream(turn),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.turn = turn
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().stream_response(send)
+            await super().__call__(scope, receive, send)
         finally:
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
-                await close()
+                with contextlib.suppress(Exception):
+                    await close()
+            await self.turn.aclose()
 
 
 @router.post("/v1/chat", response_model=ChatReply, responses=CHAT_RESPONSES)
@@ -61,10 +72,6 @@ async def post_chat(body: ChatRequest, ctx: TurnContextDep) -> Any:
     carries `X-Served-By` (host:pid), set for all routes by the app's outer layer."""
     if body.stream:
         turn = await open_stream(ctx, body)
-        return ClosingStreamingResponse(
-            _event_stream(turn),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return TurnStreamingResponse(turn)
     result = await chat_turn(ctx, body)
     return result.body()

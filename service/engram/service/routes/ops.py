@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from engram.errors import StoreFull, StoreReadOnly, StoreUnavailable
 from engram.service import metrics
-from engram.service.deps import ResourcesDep
+from engram.service.deps import Resources, ResourcesDep
 from engram.service.schemas import Health
 
 log = logging.getLogger("engram.service")
@@ -25,15 +25,20 @@ async def healthz(resources: ResourcesDep) -> Health:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def readyz(resources: ResourcesDep) -> Response:
-    """Readiness: Redis would take a turn's commit now (it answers in time, is a primary, is under
-    maxmemory). The body says which of these failed, never where Redis is (this endpoint is public)."""
+    """Readiness: 503 when Redis does not answer. When it answers but refuses writes (full, read-only)
+    the replica stays ready (200, ``degraded``): every replica shares that Redis, so taking them all out
+    of the Service would also stop the reads and deletes that still work (and free space). The body says
+    what is wrong, never where Redis is (this endpoint is public)."""
     try:
         with metrics.redis_operation("ready"):
             await resources.store.check_writable()
-    except (StoreUnavailable, StoreFull) as error:
+    except StoreFull as error:
+        return _degraded(resources, "Redis is full (maxmemory)", error)
+    except StoreReadOnly as error:
+        return _degraded(resources, "Redis refuses writes (read-only replica or too few replicas)", error)
+    except StoreUnavailable as error:
         log.warning("not ready: %s", error)
-        detail = "Redis is full (maxmemory)" if isinstance(error, StoreFull) else _unready_detail(error)
-        body = Health(status="unavailable", served_by=resources.served_by, detail=detail)
+        body = Health(status="unavailable", served_by=resources.served_by, detail="Redis does not answer")
         return JSONResponse(body.model_dump(), status_code=503)
     return JSONResponse(Health(status="ok", served_by=resources.served_by).model_dump())
 
@@ -45,5 +50,6 @@ async def metrics_endpoint() -> Response:
     return Response(body, media_type=content_type)
 
 
-def _unready_detail(error: StoreUnavailable) -> str:
-    return "Redis is read-only (a replica)" if isinstance(error, StoreReadOnly) else "Redis does not answer"
+def _degraded(resources: Resources, detail: str, error: Exception) -> JSONResponse:
+    log.warning("degraded: %s", error)
+    return JSONResponse(Health(status="degraded", served_by=resources.served_by, detail=detail).model_dump())
