@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from tests.support.local_stack import clean_env
 from tests.support.processes import stop_process
 from tests.support.redis_server import RedisServer, free_port
 
@@ -37,11 +38,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def start_replica(redis_url: str, log: Path, max_connections: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENGRAM_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(
-        ENGRAM_REDIS_URL=redis_url,
-        ENGRAM_AUTH="disabled",
-        ENGRAM_REDIS_MAX_CONNECTIONS=str(max_connections),
+    env = clean_env(
+        ENGRAM_REDIS_URL=redis_url, ENGRAM_AUTH="disabled", ENGRAM_REDIS_MAX_CONNECTIONS=str(max_connections)
     )
     with log.open("ab") as out:
         process = subprocess.Popen(

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.local_stack import LocalStack, clean_env
+from tests.support.local_stack import LocalStack, clean_env, stack_env
 from tests.support.processes import stop_process
 from tests.support.redis_server import quiet_ports
 
@@ -74,13 +74,11 @@ class Stack:
         self.spec = spec
         self.port, self.redis_port, self.replica_base = ports[0], ports[1], ports[2]
         self.local = LocalStack(
-            clean_env(
-                REPLICAS=str(replicas),
+            stack_env(
+                run_dir,
+                ports,
+                replicas,
                 WORKERS=str(workers),
-                PORT=str(self.port),
-                REDIS_PORT=str(self.redis_port),
-                REPLICA_BASE_PORT=str(self.replica_base),
-                RUN_DIR=str(run_dir),
                 PYTHON=sys.executable,
                 ENGRAM_AUTH="disabled",  # the same for every stack: the benchmark measures memory, not API keys
                 **spec.env,

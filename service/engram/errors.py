@@ -12,8 +12,8 @@ The tree::
     ├── NotFound                      the session (or message) does not exist
     ├── StoreFull                     Redis is at maxmemory and refuses writes; nothing was written
     └── StoreUnavailable              Redis could not be reached or timed out; nothing was written
-        ├── StoreReadOnly             Redis is a read-only replica (e.g. during a failover)
-        └── OutcomeUnknown            a write was sent but no answer came: it may or may not have landed
+        ├── StoreReadOnly             Redis refuses writes for now (read-only replica, NOREPLICAS, MISCONF)
+        └── OutcomeUnknown            a commit was sent but no answer came: it may or may not have landed
 
 Each carries a stable ``code`` that the HTTP layer puts in its JSON error body.
 """
@@ -64,7 +64,8 @@ class StoreFull(EngramError):
 
 
 class StoreReadOnly(StoreUnavailable):
-    """Redis answered ``-READONLY``: it is a replica. Writes work again once a primary is back."""
+    """Redis refuses writes for now: ``-READONLY`` (a replica, e.g. mid-failover), ``-NOREPLICAS``
+    (min-replicas-to-write) or ``-MISCONF`` (failing snapshots). Nothing was written."""
 
     code = "store_read_only"
 

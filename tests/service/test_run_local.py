@@ -14,21 +14,9 @@ import redis
 
 from tests.service.browser import Page
 from tests.service.test_web_page import ARTIFACTS, replies, send
-from tests.support.local_stack import LocalStack, clean_env
+from tests.support.local_stack import LocalStack, stack_env
 from tests.support.processes import group_members
 from tests.support.redis_server import port_is_free, quiet_ports
-
-
-def stack_env(run_dir: Path, ports: list[int], replicas: int, **extra: str) -> dict[str, str]:
-    lb, redis_port, base = ports[:3]
-    return clean_env(
-        REPLICAS=str(replicas),
-        PORT=str(lb),
-        REPLICA_BASE_PORT=str(base),
-        REDIS_PORT=str(redis_port),
-        RUN_DIR=str(run_dir),
-        **extra,
-    )
 
 
 def test_make_run_stack_rotates_replicas_stops_on_ctrl_c_and_remembers_across_runs(tmp_path: Path, page: Page) -> None:

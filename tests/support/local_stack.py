@@ -40,6 +40,20 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def stack_env(run_dir: Path, ports: list[int], replicas: int, **extra: str) -> dict[str, str]:
+    """The environment of a stack whose load balancer, Redis and first replica listen on ``ports[:3]``
+    (replica i on ``ports[2] + i``), keeping its data and logs in ``run_dir``."""
+    lb, redis_port, replica_base = ports[:3]
+    return clean_env(
+        REPLICAS=str(replicas),
+        PORT=str(lb),
+        REDIS_PORT=str(redis_port),
+        REPLICA_BASE_PORT=str(replica_base),
+        RUN_DIR=str(run_dir),
+        **extra,
+    )
+
+
 class LocalStack:
     """One run of ``scripts/run-local.sh``; its output is kept in ``lines`` (and appended to ``log``)."""
 

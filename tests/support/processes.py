@@ -21,10 +21,10 @@ from pathlib import Path
 LEAK_MARKER = "TESTRUN_LEAK_MARKER"  # no ENGRAM_ prefix: harnesses drop inherited ENGRAM_* variables
 
 
-def _signal(process: subprocess.Popen[bytes] | subprocess.Popen[str], sig: int) -> None:
-    """Signal the process's group when it leads one, else the process alone."""
+def _signal(process: subprocess.Popen[bytes] | subprocess.Popen[str], sig: int, group: bool) -> None:
+    """Signal the process's group (``group``: it leads one), else the process alone."""
     try:
-        if os.getpgid(process.pid) == process.pid:
+        if group:
             os.killpg(process.pid, sig)
         else:
             process.send_signal(sig)
@@ -38,11 +38,11 @@ def stop_process(process: subprocess.Popen[bytes] | subprocess.Popen[str], timeo
     # Known only while the process is not reaped yet: afterwards its pid may belong to someone else.
     leads_group = process.returncode is None and _leads_group(process.pid)
     if process.poll() is None:
-        _signal(process, signal.SIGTERM)
+        _signal(process, signal.SIGTERM, leads_group)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _signal(process, signal.SIGKILL)
+            _signal(process, signal.SIGKILL, leads_group)
             process.wait(timeout=timeout)
     if leads_group:
         # Children left in its group. A pid is not reused while a group of that id has members, so

@@ -29,7 +29,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from engram.errors import InvalidCursor, InvalidMessage, MessageTooLarge, StoreFull, StoreReadOnly, StoreUnavailable
+from engram.errors import (
+    InvalidCursor,
+    InvalidMessage,
+    MessageTooLarge,
+    OutcomeUnknown,
+    StoreFull,
+    StoreReadOnly,
+    StoreUnavailable,
+)
 from engram.history.cache import LoadReply, LoadRequest, TailCache, drop_unanswerable_start, merge
 from engram.history.functions import (
     FN_COMMIT,
@@ -315,10 +323,17 @@ class HistoryStore:
         if not messages:
             raise InvalidMessage("nothing to append")
         args = self._message_args(messages)
-        raw = await self._call_on_session(
-            FN_COMMIT, keys, turn_id or "", policy.session_ttl_seconds, policy.max_messages_per_session,
-            session_id, len(messages), *args,
-        )  # fmt: skip
+        try:
+            raw = await self._call_on_session(
+                FN_COMMIT, keys, turn_id or "", policy.session_ttl_seconds, policy.max_messages_per_session,
+                session_id, len(messages), *args,
+            )  # fmt: skip
+        except StoreUnavailable as error:
+            # Sent, perhaps, and unanswered: a frozen or slow Redis still runs what it queued. With a turn
+            # id that is retryable as it is (the commit is idempotent); a refusal (read-only) is definite.
+            if turn_id is None or isinstance(error, StoreReadOnly):
+                raise
+            raise OutcomeUnknown(str(error), turn_id) from error
         duplicate, epoch, entries = raw[0], _text(raw[1]), [_parse_entry(e) for e in raw[2]]
         if int(duplicate) == 1:
             return CommittedTurn(turn_id or "", entries, duplicate=True)

@@ -31,15 +31,7 @@ from llama_index.core.chat_engine import SimpleChatEngine
 from llama_index.core.llms import LLM, ChatMessage, ChatResponseAsyncGen, MessageRole
 from llama_index.core.memory import ChatMemoryBuffer
 
-from engram.errors import (
-    EngramError,
-    InvalidInput,
-    MessageTooLarge,
-    OutcomeUnknown,
-    StoreFull,
-    StoreReadOnly,
-    StoreUnavailable,
-)
+from engram.errors import EngramError, InvalidInput, MessageTooLarge, StoreFull, StoreUnavailable
 from engram.history.store import HistoryStore, validate_turn_id
 from engram.keys import validate_session_id
 from engram.llama_index import EngramMemory
@@ -119,30 +111,23 @@ def _turn_metrics(*, failures_only: bool = False) -> Iterator[_TurnOutcome]:
 
 
 def _failure_outcome(error: Exception) -> str:
-    if isinstance(error, OutcomeUnknown):
-        return "outcome_unknown"
-    if isinstance(error, StoreUnavailable):
-        return "store_unavailable"
-    if isinstance(error, StoreFull):
-        return "store_full"
     if isinstance(error, InvalidInput | TurnIdReused):
         return "rejected"
+    if isinstance(error, StoreUnavailable | StoreFull):  # its code: store_unavailable, store_read_only, ...
+        return error.code
     return "model_error"
 
 
 def _model_failure(error: Exception, clock: metrics.ModelClock, turn_id: str) -> Exception:
-    """What to raise for an exception out of the chat engine (which commits the turn when the model is
-    done): a store error during the commit leaves its outcome unknown, other store errors pass through,
-    the rest came from the model (a reply too large to store counts as the model's failure, too).
+    """What to raise for an exception out of the model call or the commit after it: store errors pass
+    through (an unanswered commit is the store's ``OutcomeUnknown``), the rest came from the model (a
+    reply too large to store counts as the model's failure, too).
 
     A model error is summarized for the client (its type, and the upstream HTTP status if any); its
     text, which can echo request headers, goes to the log only, with secrets masked."""
     if isinstance(error, MessageTooLarge):
         clock.finish("ok")
         return ModelFailed(f"the model's reply cannot be stored: {error}")
-    if isinstance(error, StoreUnavailable) and not isinstance(error, OutcomeUnknown | StoreReadOnly):
-        clock.finish("ok")
-        return OutcomeUnknown(str(error), turn_id)
     if isinstance(error, EngramError):
         clock.finish("ok")
         return error
@@ -152,7 +137,8 @@ def _model_failure(error: Exception, clock: metrics.ModelClock, turn_id: str) ->
 
 
 async def _begin(ctx: TurnContext, request: ChatRequest, turn_id: str) -> tuple[EngramMemory, Window]:
-    """Round trip 1: the memory of this turn with its window loaded."""
+    """Round trip 1: the memory of this turn with its window loaded (and, for a retry, the stored turn,
+    which must be of the same message)."""
     memory = EngramMemory(
         store=ctx.store,
         tenant=ctx.tenant.name,
@@ -164,6 +150,8 @@ async def _begin(ctx: TurnContext, request: ChatRequest, turn_id: str) -> tuple[
     with metrics.redis_operation("load"):
         window = await memory.aload()
     metrics.observe_load(window, time.perf_counter() - started)
+    if window.replay is not None:
+        _check_same_message(window.replay, request)
     return memory, window
 
 
@@ -224,7 +212,6 @@ async def chat_turn(ctx: TurnContext, request: ChatRequest) -> TurnResult:
             return _result(ctx, request, turn_id, None, str(response))
         memory, window = await _begin(ctx, request, turn_id)
         if window.replay is not None:
-            _check_same_message(window.replay, request)
             turn.outcome = "replayed"
             return _result(ctx, request, turn_id, window, window.replay.reply)
         engine = SimpleChatEngine.from_defaults(llm=ctx.llm, memory=memory)
@@ -265,21 +252,22 @@ class StreamingTurn:
         self.ctx, self.request, self.turn_id = ctx, request, turn_id
         self.memory, self.window, self.stream, self.first = memory, window, stream, first
         self.clock, self.started = clock, started
-        self._observed = False
+        self.outcome = "abandoned"  # until events() reaches done or error: the client went away
+        self._closed = False
 
     async def aclose(self) -> None:
-        """Close the model's stream (and its HTTP response); count the turn ``abandoned`` if :meth:`events`
-        never ran to count it (the client left before the first byte was sent). Safe to call twice."""
+        """End the turn: close the model's stream (and its HTTP response, so an abandoned reply stops being
+        generated and billed) and count the turn's outcome. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
         if self.stream is not None:
             with contextlib.suppress(Exception):
                 await self.stream.aclose()
-        if not self._observed:
-            self._observed = True
-            metrics.observe_turn("abandoned", time.perf_counter() - self.started)
+        metrics.observe_turn(self.outcome, time.perf_counter() - self.started)
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """``("token", {"text"})`` events, then ``("done", reply fields)`` or ``("error", error body)``."""
-        outcome = "abandoned"  # unless it reaches done or error: the client went away
         try:
             if self.first:
                 yield "token", {"text": self.first}
@@ -298,24 +286,21 @@ class StreamingTurn:
                 except Exception as error:
                     raise _model_failure(error, self.clock, self.turn_id) from error
                 if self.memory is None:  # ENGRAM_MEMORY=off: nothing was stored
-                    outcome = "ok"
+                    self.outcome = "ok"
                 else:
                     committed = _committed(self.memory, self.request)
-                    outcome = "duplicate" if committed.duplicate else "ok"
+                    self.outcome = "duplicate" if committed.duplicate else "ok"
                     reply = committed.reply
             else:
-                outcome, reply = "replayed", self.first
+                self.outcome, reply = "replayed", self.first
             result = _result(self.ctx, self.request, self.turn_id, self.window, reply)
             yield "done", result.body().model_dump()
         except EngramError as error:
-            outcome = _failure_outcome(error)
+            self.outcome = _failure_outcome(error)
             _, body, _ = error_content(error)
             yield "error", body
         finally:
-            if not self._observed:
-                self._observed = True
-                metrics.observe_turn(outcome, time.perf_counter() - self.started)
-            await self.aclose()  # an abandoned reply stops being generated (and billed)
+            await self.aclose()
 
 
 async def _first_delta(stream: ChatResponseAsyncGen) -> str:
@@ -337,7 +322,6 @@ async def open_stream(ctx: TurnContext, request: ChatRequest) -> StreamingTurn:
         if ctx.memory:
             memory, window = await _begin(ctx, request, turn_id)
             if window.replay is not None:
-                _check_same_message(window.replay, request)
                 return StreamingTurn(
                     ctx, request, turn_id, memory, window, None, window.replay.reply, metrics.ModelClock(), turn.started
                 )

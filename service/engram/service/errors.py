@@ -96,38 +96,29 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
-def describe(error: EngramError) -> tuple[int, str, str]:
-    """Status, code and message for an Engram error (messages of 5xx errors never carry internals)."""
-    status = status_for(error)
+def _public_message(error: EngramError) -> str:
+    """What a client is told (messages of store errors never carry internals such as Redis' address)."""
     if isinstance(error, OutcomeUnknown):
         return (
-            status,
-            error.code,
-            (
-                f"the history store (Redis) did not confirm this turn: it may or may not have been stored. "
-                f"Retry with turn_id {error.turn_id!r}: a retry with it is answered once and never stored twice"
-            ),
+            "the history store (Redis) did not confirm this turn: it may or may not have been stored. "
+            f"Retry with turn_id {error.turn_id!r}: a retry with it is answered once and never stored twice"
         )
     if isinstance(error, StoreUnavailable):
-        return status, error.code, "the history store (Redis) is unavailable; nothing was stored; retry shortly"
+        return "the history store (Redis) is unavailable; nothing was stored; retry shortly"
     if isinstance(error, StoreFull):
         return (
-            status,
-            error.code,
-            (
-                "the history store is full; nothing was stored. Delete sessions you no longer need "
-                "(DELETE /v1/sessions/{session_id}) or ask the operator to give Redis more memory"
-            ),
+            "the history store is full; nothing was stored. Delete sessions you no longer need "
+            "(DELETE /v1/sessions/{session_id}) or ask the operator to give Redis more memory"
         )
-    return status, error.code, str(error) or error.code
+    return str(error) or error.code
 
 
 def error_content(error: EngramError) -> tuple[int, dict[str, Any], dict[str, str] | None]:
     """Status, JSON body and headers of the answer to ``error``."""
-    status, code, message = describe(error)
+    status = status_for(error)
     extra = {"turn_id": error.turn_id} if isinstance(error, OutcomeUnknown) else {}
     headers = {"Retry-After": "1"} if status == 503 else None
-    return status, error_body(code, message, **extra), headers
+    return status, error_body(error.code, _public_message(error), **extra), headers
 
 
 # --- model errors: a summary for clients, the details for the log with secrets masked -------------------

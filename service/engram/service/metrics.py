@@ -43,8 +43,9 @@ MULTIPROCESS = values.ValueClass is not values.MutexValue
 
 CACHE_OUTCOMES: tuple[CacheOutcome, ...] = ("hit", "delta", "miss")
 TURN_OUTCOMES = (
-    "ok", "replayed", "duplicate", "model_error", "store_unavailable", "store_full", "outcome_unknown", "rejected",
-    "abandoned",
+    "ok", "replayed", "duplicate", "model_error", "rejected", "abandoned",
+    # a store error's code (see engram.errors)
+    "store_unavailable", "store_read_only", "store_full", "outcome_unknown",
 )  # fmt: skip
 MODEL_OUTCOMES = ("ok", "error")
 REDIS_OPERATIONS = ("load", "commit", "sessions", "messages", "delete", "auth", "ready")

@@ -43,8 +43,6 @@ OPERATOR_COMMANDS: tuple[str, ...] = (
     "smembers",  # engram tenant list
     "del",  # delete records, purge sessions
     "scan",  # purge: find every key of the tenant, indexed or not (tenant users never get SCAN)
-    "zrange",
-    "zrem",
     "zcard",  # session counts for status
     "multi",  # the record and its timestamps are written together
     "exec",

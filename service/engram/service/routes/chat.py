@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,13 +33,12 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 async def _event_stream(turn: StreamingTurn) -> AsyncIterator[bytes]:
-    async with contextlib.aclosing(turn.events()) as events:  # closed with us: the turn sees the client leave
-        async for event, data in events:
-            yield sse(event, data)
+    async for event, data in turn.events():
+        yield sse(event, data)
 
 
 class TurnStreamingResponse(StreamingResponse):
-    """Streams a turn's events and always closes the turn when the response ends, however it ends.
+    """Streams a turn's events and always ends the turn when the response ends, however it ends.
     Starlette stops iterating when the client leaves but leaves the body suspended until garbage
     collection, or (ASGI < 2.4) cancels it before it starts; the turn's model stream would then run,
     and be billed, to the end."""
@@ -57,10 +55,6 @@ class TurnStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    await close()
             await self.turn.aclose()
 
 
