@@ -24,9 +24,9 @@ from typing import Any
 
 import httpx
 
-from tests.support.local_stack import clean_env
-from tests.support.processes import stop_process
-from tests.support.redis_server import RedisServer, free_port
+from testkit.local_stack import clean_env
+from testkit.processes import stop_process
+from testkit.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def start_replica(redis_url: str, log: Path, max_connections: int) -> tuple[subp
     )
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "engram.service", "serve", "--port", str(port)],
+            [sys.executable, "-m", "engram.server", "serve", "--port", str(port)],
             env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -19,8 +19,9 @@ from llama_index.storage.chat_store.redis import RedisChatStore as LlamaRedisCha
 
 from engram.connections import create_redis
 from engram.history import HistoryStore
-from engram.keys import KeySpace
-from engram.models import NewMessage, Policy
+from engram.messages import NewMessage
+from engram.policy import Policy
+from engram.redis_keys import KeySpace
 from engram.settings import Settings
 
 TOKEN_LIMIT = 3000

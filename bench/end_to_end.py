@@ -34,9 +34,9 @@ from typing import Any
 
 import httpx
 
-from tests.support.local_stack import LocalStack, clean_env, stack_env
-from tests.support.processes import stop_process
-from tests.support.redis_server import quiet_ports
+from testkit.local_stack import LocalStack, clean_env, stack_env
+from testkit.processes import stop_process
+from testkit.redis_server import quiet_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ STACKS = {
 
 class Stack:
     """One `scripts/run-local.sh` (redis-server + replicas + HAProxy) in its own process group; stopped
-    with SIGINT, as Ctrl-C, and nothing it started can outlive it (tests.support.local_stack)."""
+    with SIGINT, as Ctrl-C, and nothing it started can outlive it (testkit.local_stack)."""
 
     def __init__(self, spec: StackSpec, ports: list[int], run_dir: Path, replicas: int, workers: int) -> None:
         self.spec = spec
@@ -112,7 +112,7 @@ class Stack:
 def loadgen(url: str, sessions: int, turns: int, concurrency: int, keepalive: bool) -> dict[str, Any]:
     """One `engram loadgen --json` run. Its exit status is ignored: the stateless stack fails its recall
     check by design; the caller checks errors and recall itself."""
-    command = [sys.executable, "-m", "engram.service", "loadgen", "--url", url, "--json"]
+    command = [sys.executable, "-m", "engram.server", "loadgen", "--url", url, "--json"]
     command += ["--sessions", str(sessions), "--turns", str(turns), "--concurrency", str(concurrency)]
     if not keepalive:
         command.append("--no-keepalive")
@@ -138,7 +138,7 @@ def vm_rss_mib(pid: int) -> float | None:
 def time_to_ready(redis_url: str, log: Path, timeout: float = 120.0) -> float:
     """Seconds from starting one `engram serve` to its first /readyz 200 (polled every 10 ms)."""
     port = quiet_ports(1)[0]
-    command = [sys.executable, "-m", "engram.service", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "engram.server", "serve", "--port", str(port)]
     env = clean_env(ENGRAM_REDIS_URL=redis_url, ENGRAM_AUTH="disabled")
     with log.open("ab") as out:
         started = time.perf_counter()

@@ -28,7 +28,7 @@ from pathlib import Path
 import redis
 
 from bench.contenders import ALL_CONTENDERS, ALTERNATIVES, Contenders, Turn
-from tests.support.redis_server import RedisServer
+from testkit.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -185,7 +185,7 @@ for ((i = 1; i <= REPLICAS; i++)); do
     mkdir -p "$metrics_dir"
     start "replica-$i" "$RUN_DIR/logs/replica-$i.log" env \
         ENGRAM_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" PROMETHEUS_MULTIPROC_DIR="$metrics_dir" \
-        "$PYTHON" -m engram.service serve --host 127.0.0.1 --port "$port" --workers "$WORKERS"
+        "$PYTHON" -m engram.server serve --host 127.0.0.1 --port "$port" --workers "$WORKERS"
     replica_pids+=("${pids[-1]}")
     servers+="    server replica-$i 127.0.0.1:$port check"$'\n'
 done
@@ -216,7 +216,7 @@ for ((i = 1; i <= REPLICAS; i++)); do
 done
 say "  redis       redis://127.0.0.1:$REDIS_PORT/0   (AOF on, data in $RUN_DIR/redis)"
 say "  logs        $RUN_DIR/logs/"
-say "  load test   $PYTHON -m engram.service loadgen --url http://$host:$PORT --sessions 20 --turns 10 --concurrency 5${page_fragment:+ --api-key \$(cat $RUN_DIR/demo-api-key)}"
+say "  load test   $PYTHON -m engram.server loadgen --url http://$host:$PORT --sessions 20 --turns 10 --concurrency 5${page_fragment:+ --api-key \$(cat $RUN_DIR/demo-api-key)}"
 ready_in="$(awk -v a="$started_at" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
 say "ready in ${ready_in}s. Press Ctrl-C to stop everything."
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.processes import LEAK_MARKER, ProcessInfo, tagged_processes
-from tests.support.redis_server import RedisServer
+from testkit.processes import LEAK_MARKER, ProcessInfo, tagged_processes
+from testkit.redis_server import RedisServer
 
 # Seconds a process may take to vanish after the last test's teardown (a SIGTERMed child may still be exiting).
 LEFTOVER_GRACE = 10.0

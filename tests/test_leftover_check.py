@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from testkit.processes import LEAK_MARKER, group_members, stop_process, tagged_processes
 from tests.conftest import kill_leftovers
-from tests.support.processes import LEAK_MARKER, group_members, stop_process, tagged_processes
 
 
 def orphan() -> int:

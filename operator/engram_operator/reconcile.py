@@ -18,10 +18,10 @@ from typing import Any, Literal
 from kubernetes_asyncio import client, config
 
 from engram.errors import StoreUnavailable
-from engram.keys import KeySpace
+from engram.redis_keys import KeySpace
 from engram.settings import Settings
 from engram.tenancy.nodes import RedisNodes
-from engram.tenancy.reconcile import (
+from engram.tenancy.provision import (
     Removal,
     TenantConflict,
     count_sessions,

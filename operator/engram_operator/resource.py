@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from engram.errors import InvalidTenant
-from engram.keys import validate_tenant
-from engram.models import Policy
-from engram.tenancy.reconcile import TenantSpec
+from engram.policy import Policy
+from engram.redis_keys import validate_tenant
+from engram.tenancy.provision import TenantSpec
 
 GROUP = "engram.dev"
 VERSION = "v1alpha1"

@@ -18,10 +18,10 @@ from typing import Any, cast
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.rest import ApiException
 
-from engram.keys import KeySpace
+from engram.redis_keys import KeySpace
 from engram.tenancy.acl import acl_username
 from engram.tenancy.apikeys import parse_api_key
-from engram.tenancy.reconcile import Credentials
+from engram.tenancy.provision import Credentials
 from engram_operator.resource import (
     GROUP,
     KIND,

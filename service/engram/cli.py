@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from engram import __version__
-from engram.service.cli import add_parser as add_service_commands
+from engram.server.cli import add_parser as add_service_commands
 from engram.tenancy.cli import add_parser as add_tenant_commands
 
 

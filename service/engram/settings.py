@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engram.keys import NAMESPACE_PATTERN
+from engram.redis_keys import NAMESPACE_PATTERN
 
 
 class Settings(BaseSettings):

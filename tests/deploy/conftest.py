@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.redis_server import redis_server_binary as support_redis_server_binary
+from testkit.redis_server import redis_server_binary as support_redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "engram"

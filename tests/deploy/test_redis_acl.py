@@ -25,8 +25,8 @@ import yaml
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from testkit.redis_server import RedisServer, free_port
 from tests.deploy.conftest import CHART, RELEASE, helm, render
-from tests.support.redis_server import RedisServer, free_port
 
 ADMIN, ADMIN_PASSWORD = "engram-admin", "admin-secret-1"
 SERVICE, SERVICE_PASSWORD = "engram-service", "service-secret-1"
@@ -416,7 +416,7 @@ def test_operator_tenant_reconcile_runs_with_the_admin_user(primary: RedisPod) -
 
 def test_chat_service_resolves_api_keys_as_the_service_user(primary: RedisPod) -> None:
     registry = pytest.importorskip("engram.tenancy.registry")
-    from engram.keys import KeySpace
+    from engram.redis_keys import KeySpace
 
     created = tenant_cli(primary, "create", "acme")
     assert created.returncode == 0, created.stderr
@@ -441,7 +441,7 @@ def test_history_store_runs_its_functions_as_the_service_user(primary: RedisPod)
     """Every command the function library runs inside FCALL is on the service user's list."""
     store_module = pytest.importorskip("engram.history.store", reason="engram.history.store not written yet")
     from engram.history.functions import ensure_library
-    from engram.keys import KeySpace
+    from engram.redis_keys import KeySpace
 
     async def scenario() -> tuple[int, list[str]]:
         import redis.asyncio as aioredis

@@ -6,7 +6,7 @@ import pytest
 
 from engram.connections import create_redis
 from engram.history import HistoryStore
-from engram.keys import KeySpace
+from engram.redis_keys import KeySpace
 from engram.settings import Settings
 
 

@@ -5,7 +5,7 @@ from fnmatch import fnmatchcase
 import pytest
 
 from engram.errors import InvalidSessionId, InvalidTenant
-from engram.keys import KeySpace
+from engram.redis_keys import KeySpace
 
 
 def test_tenant_acl_patterns_match_its_keys_and_not_a_prefix_sibling() -> None:

@@ -18,9 +18,10 @@ import redis
 from engram.errors import InvalidCursor, InvalidMessage, InvalidSessionId, MessageTooLarge, StoreFull, StoreUnavailable
 from engram.history import HistoryStore
 from engram.history.cache import drop_unanswerable_start, fit_budget
-from engram.models import NewMessage, Policy
+from engram.messages import NewMessage
+from engram.policy import Policy
+from testkit.redis_server import RedisServer
 from tests.history.conftest import make_store
-from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -86,7 +86,7 @@ def test_make_install_succeeds_on_its_first_run_where_no_uv_is_installed(tmp_pat
     assert f"{uv} sync --frozen" in output  # the uv it just installed is the one that ran
     assert not (Path(env["HOME"]) / ".local" / "bin" / "uv").exists()
     imported = subprocess.run(
-        [str(clone / ".venv" / "bin" / "python"), "-c", "import engram.service.app, engram_operator.handlers"],
+        [str(clone / ".venv" / "bin" / "python"), "-c", "import engram.server.app, engram_operator.handlers"],
         cwd=clone,
         env=env,
         capture_output=True,

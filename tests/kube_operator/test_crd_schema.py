@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from engram.keys import TENANT_PATTERN
+from engram.redis_keys import TENANT_PATTERN
 from engram_operator.resource import BOUNDS, DEFAULTS, GROUP, KIND, PLURAL, VERSION, InvalidSpec, spec_from_body
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,10 +8,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from engram.history import HistoryStore
-from engram.keys import KeySpace
+from engram.redis_keys import KeySpace
 from engram.tenancy.apikeys import hash_secret
+from testkit.redis_server import RedisServer
 from tests.kube_operator.conftest import Cluster, OperatorFactory, eventually, memory_namespace
-from tests.support.redis_server import RedisServer
 
 KEYS = KeySpace()
 

@@ -24,10 +24,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from engram.history import HistoryStore
-from engram.keys import KeySpace
+from engram.redis_keys import KeySpace
+from testkit.processes import stop_process
+from testkit.redis_server import free_port
 from tests.kube_operator.conftest import Cluster, eventually, memory_namespace
-from tests.support.processes import stop_process
-from tests.support.redis_server import free_port
 
 COUNT = 100
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.reliability.support import Stack, haproxy_binary, start_stack
-from tests.service.conftest import make_service
+from tests.server.conftest import make_service
 
 __all__ = ["make_service"]  # the service tests' fixture: service processes stopped at the end
 

@@ -19,7 +19,7 @@ import json
 import threading
 from typing import Any, Literal
 
-from tests.support.redis_server import free_port
+from testkit.redis_server import free_port
 
 Mode = Literal["reply", "hang", "echo-error"]
 

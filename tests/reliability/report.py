@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.reliability.support import RESULTS
-from tests.service.support import REPO
+from tests.server.support import REPO
 
 DOC = REPO / "docs" / "reliability.md"
 START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"

@@ -25,10 +25,10 @@ from typing import Any
 import httpx
 import redis
 
-from engram.keys import KeySpace
-from tests.service.support import REPO, ServiceProcess, service_env, start_all
-from tests.support.processes import stop_process
-from tests.support.redis_server import RedisServer, free_port
+from engram.redis_keys import KeySpace
+from testkit.processes import stop_process
+from testkit.redis_server import RedisServer, free_port
+from tests.server.support import REPO, ServiceProcess, service_env, start_all
 
 TENANT = "default"  # ENGRAM_AUTH=disabled serves everything as this tenant
 RESULTS = REPO / "tests" / "artifacts" / "reliability"

@@ -24,10 +24,10 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from engram.keys import SESSION_ID_PATTERN
+from engram.redis_keys import SESSION_ID_PATTERN
+from testkit.redis_server import RedisServer
 from tests.reliability.support import KEYS, TENANT, record
-from tests.service.support import ServiceProcess, service_env
-from tests.support.redis_server import RedisServer
+from tests.server.support import ServiceProcess, service_env
 
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr:hypothesis.errors.HypothesisWarning")
 

@@ -15,12 +15,12 @@ import time
 import httpx
 import redis
 
+from testkit.redis_server import RedisServer
 from tests.reliability.conftest import MakeStack
 from tests.reliability.fake_model import FakeModel
 from tests.reliability.support import KEYS, TENANT, record
-from tests.service.conftest import MakeService
-from tests.service.support import ServiceProcess, chat
-from tests.support.redis_server import RedisServer
+from tests.server.conftest import MakeService
+from tests.server.support import ServiceProcess, chat
 
 
 def fill_until_full(client: redis.Redis) -> None:

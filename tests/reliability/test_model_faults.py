@@ -15,11 +15,11 @@ import time
 import httpx
 import redis
 
+from testkit.redis_server import RedisServer
 from tests.reliability.fake_model import FakeModel
 from tests.reliability.support import KEYS, TENANT, holds_for, poll_until, record, session_log
-from tests.service.conftest import MakeService
-from tests.service.support import chat, metric, scrape
-from tests.support.redis_server import RedisServer
+from tests.server.conftest import MakeService
+from tests.server.support import chat, metric, scrape
 
 LLM_TIMEOUT = 1.0
 

@@ -19,12 +19,12 @@ import httpx
 import pytest
 import redis
 
+from testkit.redis_server import RedisServer
 from tests.reliability.conftest import MakeStack
 from tests.reliability.fake_model import FakeModel
 from tests.reliability.support import LoadResult, Stack, audit_sessions, record, run_sessions, session_log
-from tests.service.conftest import MakeService
-from tests.service.support import metric, scrape, start_all
-from tests.support.redis_server import RedisServer
+from tests.server.conftest import MakeService
+from tests.server.support import metric, scrape, start_all
 
 SESSIONS, TURNS, CONCURRENCY = 30, 10, 15
 

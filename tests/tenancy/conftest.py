@@ -9,11 +9,11 @@ import redis.asyncio as aioredis
 
 from engram.connections import create_redis
 from engram.history import HistoryStore
-from engram.keys import KeySpace
-from engram.models import Policy
+from engram.policy import Policy
+from engram.redis_keys import KeySpace
 from engram.settings import Settings
 from engram.tenancy.nodes import RedisNodes
-from engram.tenancy.reconcile import Credentials, TenantSpec, ensure_tenant, record_for
+from engram.tenancy.provision import Credentials, TenantSpec, ensure_tenant, record_for
 from engram.tenancy.records import CLI_OWNER
 
 KEYS = KeySpace()

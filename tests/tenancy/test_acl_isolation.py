@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from engram.history.functions import FN_COMMIT, FN_LOAD, LIBRARY_NAME
-from engram.tenancy.reconcile import Credentials
+from engram.tenancy.provision import Credentials
 from tests.tenancy.conftest import KEYS, MakeTenant, history, tenant_client
 
 FORBIDDEN = [

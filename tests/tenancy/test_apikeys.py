@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engram.keys import TENANT_PATTERN
+from engram.redis_keys import TENANT_PATTERN
 from engram.tenancy.apikeys import generate_api_key, hash_secret, parse_api_key
 
 tenants = st.from_regex(TENANT_PATTERN, fullmatch=True)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from engram.keys import KeySpace
+from engram.redis_keys import KeySpace
 from engram.settings import get_settings
 from engram.tenancy.apikeys import hash_secret, parse_api_key
 from engram.tenancy.cli import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, main
-from tests.support.redis_server import RedisServer
+from testkit.redis_server import RedisServer
 
 KEYS = KeySpace()
 

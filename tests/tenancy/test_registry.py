@@ -6,12 +6,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from engram.errors import StoreUnavailable
-from engram.models import Policy
+from engram.policy import Policy
 from engram.tenancy.apikeys import generate_api_key, hash_secret
 from engram.tenancy.nodes import RedisNodes
-from engram.tenancy.reconcile import remove_tenant
+from engram.tenancy.provision import remove_tenant
 from engram.tenancy.registry import TenantRegistry
-from tests.support.redis_server import RedisServer
+from testkit.redis_server import RedisServer
 from tests.tenancy.conftest import KEYS, MakeTenant
 
 

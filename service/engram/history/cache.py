@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from engram.models import CacheOutcome, StoredMessage, stream_id_key
+from engram.messages import CacheOutcome, StoredMessage, stream_id_key
 
 # Roles that cannot open a window: a window starting with an assistant or tool message has lost the
 # message it answers (ChatMemoryBuffer drops them the same way).

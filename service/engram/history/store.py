@@ -50,17 +50,17 @@ from engram.history.functions import (
     FN_WRITABLE,
     ensure_library,
 )
-from engram.keys import SESSION_ID_PATTERN, KeySpace, SessionKeys, validate_session_id, validate_tenant
-from engram.models import (
+from engram.messages import (
     CommittedTurn,
     MessagePage,
     NewMessage,
-    Policy,
     SessionInfo,
     SessionPage,
     StoredMessage,
     Window,
 )
+from engram.policy import Policy
+from engram.redis_keys import SESSION_ID_PATTERN, KeySpace, SessionKeys, validate_session_id, validate_tenant
 from engram.tokens import Tokenizer, default_tokenizer
 
 T = TypeVar("T")

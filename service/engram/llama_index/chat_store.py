@@ -16,10 +16,10 @@ from llama_index.core.storage.chat_store.base import BaseChatStore
 
 from engram.connections import create_redis
 from engram.history.store import HistoryStore
-from engram.keys import KeySpace
 from engram.llama_index._runtime import Operation, StoreRuntime
 from engram.llama_index.convert import to_chat_message, to_new_message
-from engram.models import Policy
+from engram.policy import Policy
+from engram.redis_keys import KeySpace
 from engram.settings import Settings
 
 T = TypeVar("T")

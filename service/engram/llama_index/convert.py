@@ -7,7 +7,7 @@ import json
 
 from llama_index.core.base.llms.types import ChatMessage, TextBlock
 
-from engram.models import NewMessage, StoredMessage
+from engram.messages import NewMessage, StoredMessage
 
 
 def to_new_message(message: ChatMessage) -> NewMessage:

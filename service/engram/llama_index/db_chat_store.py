@@ -18,7 +18,7 @@ from engram.history.store import HistoryStore
 from engram.llama_index._runtime import StoreRuntime
 from engram.llama_index.chat_store import store_from_url
 from engram.llama_index.convert import to_chat_message, to_new_message
-from engram.models import Policy
+from engram.policy import Policy
 
 
 class EngramDBChatStore(AsyncDBChatStore):

@@ -26,7 +26,8 @@ from engram.history.cache import drop_unanswerable_start, fit_budget
 from engram.history.store import HistoryStore
 from engram.llama_index._runtime import Operation, StoreRuntime
 from engram.llama_index.convert import to_chat_message, to_new_message
-from engram.models import CommittedTurn, NewMessage, Policy, StoredMessage, Window
+from engram.messages import CommittedTurn, NewMessage, StoredMessage, Window
+from engram.policy import Policy
 
 _ANSWER_ROLES = frozenset({"assistant", "model", "chatbot"})
 

@@ -19,7 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from engram.keys import KeySpace, validate_tenant
+from engram.redis_keys import KeySpace, validate_tenant
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from engram.keys import validate_tenant
+from engram.redis_keys import validate_tenant
 
 PREFIX = "egk_"
 SECRET_BYTES = 32  # 256 bits -> 43 URL-safe base64 characters

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from engram.errors import EngramError, StoreUnavailable
-from engram.keys import KeySpace
-from engram.models import Policy
+from engram.policy import Policy
+from engram.redis_keys import KeySpace
 from engram.settings import Settings, get_settings
 from engram.tenancy.apikeys import generate_api_key, hash_secret
 from engram.tenancy.nodes import RedisNodes
-from engram.tenancy.reconcile import (
+from engram.tenancy.provision import (
     Credentials,
     TenantSpec,
     count_sessions,

@@ -24,8 +24,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engram.keys import validate_tenant
-from engram.models import Policy
+from engram.policy import Policy
+from engram.redis_keys import validate_tenant
 
 Retention = Literal["Delete", "Retain"]
 RETENTIONS: tuple[Retention, ...] = ("Delete", "Retain")

@@ -19,8 +19,8 @@ from cachetools import TTLCache
 from redis.exceptions import RedisError
 
 from engram.errors import StoreUnavailable
-from engram.keys import KeySpace
-from engram.models import Tenant
+from engram.policy import Tenant
+from engram.redis_keys import KeySpace
 from engram.tenancy.apikeys import hash_secret, parse_api_key
 from engram.tenancy.records import InvalidRecord, TenantRecord, decode_hash
 
@@ -51,7 +51,7 @@ async def read_record(redis: aioredis.Redis, keys: KeySpace, tenant: str) -> Ten
 
 
 class TenantRegistry:
-    """Resolves API keys to :class:`~engram.models.Tenant` (name and memory policy)."""
+    """Resolves API keys to :class:`~engram.messages.Tenant` (name and memory policy)."""
 
     def __init__(
         self,

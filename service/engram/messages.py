@@ -1,0 +1,86 @@
+"""Plain data passed in and out of the history store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+CacheOutcome = Literal["hit", "delta", "miss"]
+
+
+def stream_id_key(message_id: str) -> tuple[int, int]:
+    """Sort key of a Redis stream id ``"<ms>-<seq>"``."""
+    ms, _, seq = message_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as stored: ``id`` is the server-assigned stream id, so ids sort in commit order."""
+
+    id: str
+    role: str
+    content: str
+    tokens: int
+    turn_id: str | None = None
+    extra: str | None = None  # JSON of LlamaIndex additional_kwargs / blocks, when there are any
+
+    @property
+    def created_at(self) -> float:
+        """Commit time in seconds since the epoch (from the stream id's millisecond part)."""
+        return stream_id_key(self.id)[0] / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to append. ``tokens`` is counted once: by :meth:`HistoryStore.prepare` (so a caller
+    that needs the count before committing does not count twice), else by the store at write time."""
+
+    role: str
+    content: str
+    extra: str | None = None
+    tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The newest messages of a session that fit a token budget, oldest first."""
+
+    messages: list[StoredMessage]
+    outcome: CacheOutcome
+    tokens: int
+    replay: CommittedTurn | None = None  # set when load_window(turn_id=...) found that turn committed
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedTurn:
+    """What a commit stored. ``duplicate`` is True when the turn id was already committed: the
+    messages are then the ones stored the first time and nothing new was written."""
+
+    turn_id: str
+    messages: list[StoredMessage]
+    duplicate: bool = False
+
+    @property
+    def reply(self) -> str:
+        assistant = [m for m in self.messages if m.role == "assistant"]
+        return assistant[-1].content if assistant else ""
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    messages: list[StoredMessage]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    messages: int
+    updated_at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    sessions: list[SessionInfo] = field(default_factory=list)
+    next_cursor: str | None = None

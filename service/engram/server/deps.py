@@ -1,0 +1,69 @@
+"""Dependencies of the routes, as ``Annotated`` aliases so route signatures read as plain types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import Depends, Header, Request
+from llama_index.core.llms import LLM
+
+from engram.history.store import HistoryStore
+from engram.policy import Tenant
+from engram.server.auth import Authenticator
+from engram.server.turn import TurnContext
+from engram.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """What the lifespan opens once per process and closes at shutdown."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    store: HistoryStore
+    llm: LLM
+    auth: Authenticator
+    served_by: str
+
+
+def get_resources(request: Request) -> Resources:
+    resources: Resources = request.app.state.resources
+    return resources
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+
+def get_settings(resources: ResourcesDep) -> Settings:
+    return resources.settings
+
+
+def get_store(resources: ResourcesDep) -> HistoryStore:
+    return resources.store
+
+
+async def get_tenant(
+    resources: ResourcesDep,
+    authorization: Annotated[str | None, Header(description="Bearer <api key>")] = None,
+) -> Tenant:
+    return await resources.auth.tenant(authorization)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[HistoryStore, Depends(get_store)]
+TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+def get_turn_context(resources: ResourcesDep, tenant: TenantDep) -> TurnContext:
+    return TurnContext(
+        store=resources.store,
+        llm=resources.llm,
+        tenant=tenant,
+        served_by=resources.served_by,
+        memory=resources.settings.memory == "on",
+    )
+
+
+TurnContextDep = Annotated[TurnContext, Depends(get_turn_context)]

@@ -1,0 +1,201 @@
+"""Prometheus metrics of the chat service (reference: docs/service.md).
+
+Every name starts with ``engram_``; labels take values from small fixed sets only (cache outcome, turn
+outcome, route template, method, status code, Redis operation) - never a tenant, session or path.
+
+Several workers in one replica: ``engram serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at an empty folder
+before any worker imports prometheus_client, each worker writes its samples there, and ``/metrics``
+sums them with a ``MultiProcessCollector``. Without the variable (one process, e.g. under plain
+uvicorn) the default in-memory registry is served. No gauges are defined: uvicorn never calls
+``mark_process_dead``, so live-process gauges would keep the values of dead workers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events import BaseEvent
+from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMChatStartEvent
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
+
+from engram.errors import StoreUnavailable
+from engram.messages import CacheOutcome, Window
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Chosen by prometheus_client when it was first imported: what /metrics must read.
+MULTIPROCESS = values.ValueClass is not values.MutexValue
+
+CACHE_OUTCOMES: tuple[CacheOutcome, ...] = ("hit", "delta", "miss")
+TURN_OUTCOMES = (
+    "ok", "replayed", "duplicate", "model_error", "rejected", "abandoned",
+    # a store error's code (see engram.errors)
+    "store_unavailable", "store_read_only", "store_full", "outcome_unknown",
+)  # fmt: skip
+MODEL_OUTCOMES = ("ok", "error")
+REDIS_OPERATIONS = ("load", "commit", "sessions", "messages", "delete", "auth", "ready")
+
+# Fast paths are sub-millisecond (a cached Redis load); model calls take seconds.
+FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SLOW_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+HISTORY_LOADS = Counter(
+    "engram_history_loads_total",
+    "History window loads by cache outcome (hit: cached tail current, delta: only new messages read, "
+    "miss: window read from Redis).",
+    ["outcome"],
+)
+HISTORY_LOAD_SECONDS = Histogram(
+    "engram_history_load_duration_seconds",
+    "Time to load a session's history window (one Redis round trip).",
+    ["outcome"],
+    buckets=FAST_BUCKETS,
+)
+HISTORY_MESSAGES = Counter(
+    "engram_history_loaded_messages_total", "Messages in the history windows handed to the model."
+)
+HISTORY_BYTES = Counter(
+    "engram_history_loaded_bytes_total", "UTF-8 bytes of message content in the history windows loaded."
+)
+TURNS = Counter("engram_turns_total", "Chat turns by outcome.", ["outcome"])
+TURN_SECONDS = Histogram(
+    "engram_turn_duration_seconds",
+    "Time of a whole chat turn (load, model, commit) by outcome.",
+    ["outcome"],
+    buckets=SLOW_BUCKETS,
+)
+MODEL_SECONDS = Histogram(
+    "engram_model_duration_seconds",
+    "Time the model took to answer (to the last token when streaming).",
+    ["outcome"],
+    buckets=SLOW_BUCKETS,
+)
+REDIS_ERRORS = Counter(
+    "engram_redis_errors_total", "Redis calls that failed (unreachable or timed out) by operation.", ["operation"]
+)
+HTTP_REQUESTS = Counter(
+    "engram_http_requests_total", "HTTP requests by route template, method and status.", ["route", "method", "status"]
+)
+HTTP_SECONDS = Histogram(
+    "engram_http_request_duration_seconds",
+    "HTTP request time by route template and method (to the last byte when streaming).",
+    ["route", "method"],
+    buckets=SLOW_BUCKETS,
+)
+
+
+def initialise() -> None:
+    """Create every bounded label set at zero, so dashboards and rate() see the series from the start."""
+    for cache in CACHE_OUTCOMES:
+        HISTORY_LOADS.labels(cache)
+        HISTORY_LOAD_SECONDS.labels(cache)
+    for turn in TURN_OUTCOMES:
+        TURNS.labels(turn)
+        TURN_SECONDS.labels(turn)
+    for model in MODEL_OUTCOMES:
+        MODEL_SECONDS.labels(model)
+    for operation in REDIS_OPERATIONS:
+        REDIS_ERRORS.labels(operation)
+    _install_model_clock()
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of this replica: all workers summed in multiprocess mode."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+# --- recording ---------------------------------------------------------------------------------------
+def observe_load(window: Window, seconds: float) -> None:
+    HISTORY_LOADS.labels(window.outcome).inc()
+    HISTORY_LOAD_SECONDS.labels(window.outcome).observe(seconds)
+    HISTORY_MESSAGES.inc(len(window.messages))
+    HISTORY_BYTES.inc(sum(len(m.content.encode("utf-8")) for m in window.messages))
+
+
+def observe_turn(outcome: str, seconds: float) -> None:
+    TURNS.labels(outcome).inc()
+    TURN_SECONDS.labels(outcome).observe(seconds)
+
+
+def observe_http(route: str, method: str, status: int, seconds: float) -> None:
+    HTTP_REQUESTS.labels(route, method, str(status)).inc()
+    HTTP_SECONDS.labels(route, method).observe(seconds)
+
+
+@contextmanager
+def redis_operation(operation: str) -> Iterator[None]:
+    """Count a :class:`StoreUnavailable` raised inside the block under ``operation``, and re-raise it."""
+    try:
+        yield
+    except StoreUnavailable:
+        REDIS_ERRORS.labels(operation).inc()
+        raise
+
+
+# --- model latency ------------------------------------------------------------------------------------
+@dataclass
+class ModelClock:
+    """Times the model call of one turn. LlamaIndex announces the call with instrumentation events;
+    the clock of the current request is found through a context variable (streamed answers are read
+    by a task created inside the request, which inherits it)."""
+
+    started: float | None = None
+    observed: bool = field(default=False)
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def finish(self, outcome: str) -> None:
+        if self.started is not None and not self.observed:
+            self.observed = True
+            MODEL_SECONDS.labels(outcome).observe(time.perf_counter() - self.started)
+
+
+_model_clock: ContextVar[ModelClock | None] = ContextVar("engram_model_clock", default=None)
+
+
+def start_model_clock() -> ModelClock:
+    clock = ModelClock()
+    _model_clock.set(clock)
+    return clock
+
+
+class _ModelEventHandler(BaseEventHandler):
+    @classmethod
+    def class_name(cls) -> str:
+        return "EngramModelClock"
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        clock = _model_clock.get()
+        if clock is None:
+            return
+        if isinstance(event, LLMChatStartEvent):
+            clock.start()
+        elif isinstance(event, LLMChatEndEvent):
+            clock.finish("ok")
+
+
+def _install_model_clock() -> None:
+    dispatcher = get_dispatcher()
+    if not any(isinstance(handler, _ModelEventHandler) for handler in dispatcher.event_handlers):
+        dispatcher.add_event_handler(_ModelEventHandler())

@@ -1,0 +1,71 @@
+"""``POST /v1/chat``: one turn, as JSON or as a server-sent event stream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engram.server.deps import TurnContextDep
+from engram.server.schemas import ERROR_RESPONSES, ChatReply, ChatRequest, ErrorBody
+from engram.server.turn import StreamingTurn, chat_turn, open_stream
+
+router = APIRouter(tags=["chat"])
+
+CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **ERROR_RESPONSES,
+    200: {
+        "description": "the reply (JSON), or with `stream: true` a text/event-stream of `token` events "
+        '(`{"text"}`) then one `done` event with the JSON reply fields (or one `error` event)',
+        "content": {"text/event-stream": {}},
+    },
+    409: {"model": ErrorBody, "description": "`turn_id` already used for a different message"},
+    502: {"model": ErrorBody, "description": "the model failed; nothing was stored"},
+}
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def _event_stream(turn: StreamingTurn) -> AsyncIterator[bytes]:
+    async for event, data in turn.events():
+        yield sse(event, data)
+
+
+class TurnStreamingResponse(StreamingResponse):
+    """Streams a turn's events and always ends the turn when the response ends, however it ends.
+    Starlette stops iterating when the client leaves but leaves the body suspended until garbage
+    collection, or (ASGI < 2.4) cancels it before it starts; the turn's model stream would then run,
+    and be billed, to the end."""
+
+    def __init__(self, turn: StreamingTurn) -> None:
+        super().__init__(
+            _event_stream(turn),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.turn = turn
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.turn.aclose()
+
+
+@router.post("/v1/chat", response_model=ChatReply, responses=CHAT_RESPONSES)
+async def post_chat(body: ChatRequest, ctx: TurnContextDep) -> Any:
+    """Send a message; the reply is generated with the session's history loaded from Redis.
+
+    Retrying with the same `turn_id` returns the first result and stores nothing twice. Every answer
+    carries `X-Served-By` (host:pid), set for all routes by the app's outer layer."""
+    if body.stream:
+        turn = await open_stream(ctx, body)
+        return TurnStreamingResponse(turn)
+    result = await chat_turn(ctx, body)
+    return result.body()

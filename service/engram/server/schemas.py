@@ -1,0 +1,116 @@
+"""Request and response bodies of the HTTP API (they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from engram.messages import SessionInfo, StoredMessage
+
+
+def iso_time(seconds: float) -> str:
+    """RFC 3339 UTC time with milliseconds, e.g. ``2025-05-01T12:00:00.123Z``."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ChatRequest(BaseModel):
+    # The constraints are checked by the service (with its own error codes, see docs/service.md); they are
+    # only published in the OpenAPI document (json_schema_extra), so clients and schema-driven tests know them.
+    session_id: str = Field(
+        description="the conversation; 1-128 of [A-Za-z0-9._-], starting alphanumeric",
+        json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"},
+    )
+    message: str = Field(
+        description="the user's message (at most ENGRAM_MAX_MESSAGE_BYTES of UTF-8), not only whitespace",
+        json_schema_extra={"pattern": r"\S"},
+    )
+    turn_id: str | None = Field(
+        default=None,
+        description="idempotency key: a retry with the same turn_id returns the first result",
+        json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+    )
+    # strict: JSON true/false only (0, 1 or "yes" are refused, as the published schema says)
+    stream: bool = Field(default=False, strict=True, description="answer as text/event-stream: token events, then done")
+
+
+class HistoryInfo(BaseModel):
+    cache: Literal["hit", "delta", "miss", "off"] = Field(
+        description="how this replica loaded the history (`off`: ENGRAM_MEMORY=off, the benchmark baseline)"
+    )
+    messages: int = Field(description="earlier messages handed to the model")
+
+
+class ChatReply(BaseModel):
+    session_id: str
+    turn_id: str
+    reply: str
+    served_by: str = Field(description="host:pid of the process that answered")
+    history: HistoryInfo
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    messages: int
+    updated_at: str
+
+    @classmethod
+    def of(cls, info: SessionInfo) -> SessionOut:
+        return cls(session_id=info.session_id, messages=info.messages, updated_at=iso_time(info.updated_at))
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionOut]
+    next: str | None = Field(description="pass back as ?cursor= for the next page; null on the last")
+
+
+class MessageOut(BaseModel):
+    id: str
+    role: str = Field(description="user or assistant (other LlamaIndex roles if a library client wrote them)")
+    content: str
+    turn_id: str | None
+    created_at: str
+
+    @classmethod
+    def of(cls, message: StoredMessage) -> MessageOut:
+        return cls(
+            id=message.id,
+            role=message.role,
+            content=message.content,
+            turn_id=message.turn_id,
+            created_at=iso_time(message.created_at),
+        )
+
+
+class MessageList(BaseModel):
+    messages: list[MessageOut]
+    next: str | None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    turn_id: str | None = Field(None, description="with `outcome_unknown`: the turn id to retry with")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded", "unavailable"]
+    served_by: str
+    detail: str | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody, "description": "missing or unknown API key"},
+    413: {"model": ErrorBody, "description": "message over the size limit"},
+    422: {"model": ErrorBody, "description": "invalid session id, cursor or body"},
+    503: {
+        "model": ErrorBody,
+        "description": "Redis unavailable or read-only (retry); `outcome_unknown`: retry with `error.turn_id`",
+    },
+    507: {"model": ErrorBody, "description": "Redis is full (maxmemory); nothing was stored"},
+}

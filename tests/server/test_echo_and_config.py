@@ -1,0 +1,76 @@
+"""The echo model's replies, and configuration errors reported before the service starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
+
+from engram.server.auth import bearer_token
+from engram.server.errors import Unauthorized
+from engram.server.llm import EchoLLM, echo_reply
+from tests.server.support import REPO, service_env
+
+
+def msg(role: str, content: str) -> ChatMessage:
+    return ChatMessage(role=MessageRole(role), content=content)
+
+
+def test_echo_quotes_the_previous_user_message_and_counts_earlier_messages() -> None:
+    history = [msg("system", "be nice"), msg("user", "one"), msg("assistant", "ok"), msg("user", "two")]
+    assert echo_reply(history) == 'You said before: "one". I was given 2 earlier messages.'
+    assert echo_reply([msg("user", "hi")]) == "This is the start of our conversation. I was given 0 earlier messages."
+    assert echo_reply([msg("assistant", "x"), msg("user", "y")]).endswith("I was given 1 earlier message.")
+
+
+def test_echo_reply_is_cut_to_the_size_limit_with_a_marker() -> None:
+    long = "é" * 40_000
+    reply = echo_reply([msg("user", long), msg("assistant", "ok"), msg("user", "and?")], max_reply_bytes=1024)
+    assert len(reply.encode("utf-8")) <= 1024
+    assert "more bytes]" in reply and reply.endswith("I was given 2 earlier messages.")
+
+
+async def test_echo_llm_streams_the_same_text_it_answers() -> None:
+    llm = EchoLLM()
+    messages = [msg("user", "first words"), msg("assistant", "ok"), msg("user", "next")]
+    whole = (await llm.achat(messages)).message.content
+    pieces = [r.delta async for r in await llm.astream_chat(messages)]
+    assert "".join(p or "" for p in pieces) == whole and len(pieces) > 3
+
+
+@pytest.mark.parametrize(
+    ("header", "token"), [("Bearer abc", "abc"), ("bearer  abc ", "abc"), ("Bearer egk_t.x", "egk_t.x")]
+)
+def test_bearer_token_is_read_from_the_authorization_header(header: str, token: str) -> None:
+    assert bearer_token(header) == token
+
+
+@pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer", "abc"])
+def test_missing_or_other_authorization_is_refused(header: str | None) -> None:
+    with pytest.raises(Unauthorized):
+        bearer_token(header)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"ENGRAM_TOKEN_LIMIT": "lots"}, "ENGRAM_TOKEN_LIMIT: Input should be a valid integer"),
+        ({"ENGRAM_AUTH": "sometimes"}, "ENGRAM_AUTH: Input should be 'required' or 'disabled'"),
+        ({"ENGRAM_LLM": "openai-like"}, "ENGRAM_LLM=openai-like needs ENGRAM_LLM_BASE_URL and ENGRAM_LLM_MODEL"),
+        ({"ENGRAM_NAMESPACE": "Bad Space"}, "ENGRAM_NAMESPACE"),
+    ],
+)
+def test_invalid_configuration_fails_at_start_with_a_clear_message(env: dict[str, str], expected: str) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "engram.server", "serve", "--port", "1"],
+        env=service_env("redis://127.0.0.1:1/0", **env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 2
+    assert "invalid configuration" in run.stderr and expected in run.stderr
+    assert "Traceback" not in run.stderr

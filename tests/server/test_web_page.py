@@ -1,0 +1,62 @@
+"""The chat page at / in real headless Chromium: two messages, the replica and cache outcome of each
+turn, and a session id that survives a reload. The screenshot is kept in tests/artifacts/."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.server.browser import Page
+from tests.server.support import REPO, ServiceProcess
+
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+def replies(page: Page) -> list[dict[str, str]]:
+    script = """Array.from(document.querySelectorAll('#messages .msg.assistant')).map(li => ({
+        text: li.firstChild.textContent,
+        served_by: li.querySelector('.meta')?.dataset.servedBy ?? null,
+        cache: li.querySelector('.meta')?.dataset.cache ?? null,
+        messages: li.querySelector('.meta')?.dataset.messages ?? null,
+    }))"""
+    return page.evaluate(script)  # type: ignore[no-any-return]
+
+
+def send(page: Page, text: str, replies_before: int) -> None:
+    page.type_into("#message", text)
+    page.press_enter()
+    page.wait_for(f"document.querySelectorAll('#messages .msg.assistant').length > {replies_before}")
+
+
+def test_page_chats_shows_replica_and_cache_per_turn_and_keeps_the_session(service: ServiceProcess, page: Page) -> None:
+    page.navigate(service.url + "/")
+    session_id = page.wait_for(
+        "document.getElementById('session-id').textContent.startsWith('web-') && "
+        "document.getElementById('session-id').textContent"
+    )
+    assert page.evaluate("localStorage.getItem('engram.session_id')") == session_id
+
+    send(page, "the password is swordfish", 0)
+    send(page, "what is the password?", 1)
+
+    first, second = replies(page)
+    assert first["text"].startswith("This is the start of our conversation.")
+    assert '"the password is swordfish"' in second["text"]
+    for reply in (first, second):
+        assert re.fullmatch(r".+:\d+", reply["served_by"])
+        assert reply["cache"] in {"hit", "delta", "miss"}
+    assert (first["cache"], first["messages"]) == ("miss", "0")
+    assert second["messages"] == "2"
+    meta = page.evaluate("document.querySelectorAll('#messages .meta')[1].textContent")
+    assert second["served_by"] in meta and second["cache"] in meta
+    page.screenshot(ARTIFACTS / "web-page.png")
+
+    page.navigate(service.url + "/")  # a reload keeps the session and shows the stored conversation
+    page.wait_for("document.querySelectorAll('#messages .msg').length === 4")
+    assert page.evaluate("document.getElementById('session-id').textContent") == session_id
+    restored = page.evaluate("Array.from(document.querySelectorAll('#messages .msg')).map(li => li.textContent)")
+    assert restored[0] == "the password is swordfish" and restored[3] == second["text"]
+
+    page.evaluate("document.getElementById('new-session').click()")
+    page.wait_for(f"document.getElementById('session-id').textContent !== {json.dumps(session_id)}")
+    page.wait_for("document.querySelectorAll('#messages .msg').length === 0")
