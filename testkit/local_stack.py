@@ -18,7 +18,7 @@ from pathlib import Path
 
 from testkit.processes import ProcessInfo, group_members, kill_group
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run-local.sh"
 READY_LINE = "Press Ctrl-C to stop everything"
 # The script's own bound is STOP_GRACE (5 s) per stage, two stages; the rest is slack for a busy machine.

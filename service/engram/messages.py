@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 CacheOutcome = Literal["hit", "delta", "miss"]
+# How a turn got its history: a cache outcome, or "off" when nothing was loaded (ENGRAM_MEMORY=off).
+HistoryOutcome = Literal["hit", "delta", "miss", "off"]
 
 
 def stream_id_key(message_id: str) -> tuple[int, int]:
@@ -47,7 +49,7 @@ class Window:
     """The newest messages of a session that fit a token budget, oldest first."""
 
     messages: list[StoredMessage]
-    outcome: CacheOutcome
+    outcome: HistoryOutcome
     tokens: int
     replay: CommittedTurn | None = None  # set when load_window(turn_id=...) found that turn committed
 

@@ -8,9 +8,10 @@ import sys
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
+from engram.echo import echo_reply
+from engram.llama_index import EchoLLM
 from engram.server.auth import bearer_token
 from engram.server.errors import Unauthorized
-from engram.server.llm import EchoLLM, echo_reply
 from tests.server.support import REPO, service_env
 
 

@@ -10,7 +10,7 @@ import sys
 import httpx
 import redis
 
-from engram.server.llm import FIRST_TURN
+from engram.echo import FIRST_TURN
 from testkit.redis_server import RedisServer
 from tests.server.conftest import MakeService
 from tests.server.support import REPO, chat, metric, scrape, service_env

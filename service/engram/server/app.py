@@ -29,7 +29,7 @@ from engram.server import errors, metrics
 from engram.server.auth import Authenticator, KeyResolver
 from engram.server.config import check_llm_settings
 from engram.server.deps import Resources
-from engram.server.llm import build_llm
+from engram.server.model import build_model
 from engram.server.routes import chat, ops, sessions, web
 from engram.settings import Settings, get_settings
 
@@ -153,7 +153,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except RedisError as error:  # e.g. a user not allowed to FUNCTION LOAD: the library must be loaded for it
         log.warning("could not load Engram's Redis functions (%s); expecting them to be loaded already", error)
     app.state.resources = Resources(
-        settings=settings, redis=redis, store=store, llm=build_llm(settings), auth=auth, served_by=served_by()
+        settings=settings, redis=redis, store=store, model=build_model(settings), auth=auth, served_by=served_by()
     )
     log.info(
         "engram %s serving as %s (redis %s, model %s, auth %s, memory %s)",
@@ -169,6 +169,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await app.state.resources.model.aclose()
         await redis.aclose()
 
 

@@ -7,12 +7,12 @@ from typing import Annotated
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, Request
-from llama_index.core.llms import LLM
 
 from engram.history.store import HistoryStore
 from engram.policy import Tenant
 from engram.server.auth import Authenticator
-from engram.server.turn import TurnContext
+from engram.server.model import ChatModel
+from engram.server.turn import NullMemory, SessionMemory, TurnContext, TurnMemory
 from engram.settings import Settings
 
 
@@ -23,7 +23,7 @@ class Resources:
     settings: Settings
     redis: aioredis.Redis
     store: HistoryStore
-    llm: LLM
+    model: ChatModel
     auth: Authenticator
     served_by: str
 
@@ -57,12 +57,9 @@ TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 
 def get_turn_context(resources: ResourcesDep, tenant: TenantDep) -> TurnContext:
+    memory: TurnMemory = SessionMemory(resources.store, tenant) if resources.settings.memory == "on" else NullMemory()
     return TurnContext(
-        store=resources.store,
-        llm=resources.llm,
-        tenant=tenant,
-        served_by=resources.served_by,
-        memory=resources.settings.memory == "on",
+        store=resources.store, memory=memory, model=resources.model, tenant=tenant, served_by=resources.served_by
     )
 
 

@@ -15,14 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Any
 
-from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler
-from llama_index.core.instrumentation.events import BaseEvent
-from llama_index.core.instrumentation.events.llm import LLMChatEndEvent, LLMChatStartEvent
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -49,10 +42,13 @@ TURN_OUTCOMES = (
 )  # fmt: skip
 MODEL_OUTCOMES = ("ok", "error")
 REDIS_OPERATIONS = ("load", "commit", "sessions", "messages", "delete", "auth", "ready")
+TURN_STEPS = ("load", "model", "commit")
 
 # Fast paths are sub-millisecond (a cached Redis load); model calls take seconds.
 FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SLOW_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Steps of a turn: Redis round trips (sub-millisecond) and the model (seconds) in one histogram.
+STEP_BUCKETS = (*FAST_BUCKETS[:-2], *SLOW_BUCKETS[SLOW_BUCKETS.index(1.0) :])
 
 HISTORY_LOADS = Counter(
     "engram_history_loads_total",
@@ -78,6 +74,13 @@ TURN_SECONDS = Histogram(
     "Time of a whole chat turn (load, model, commit) by outcome.",
     ["outcome"],
     buckets=SLOW_BUCKETS,
+)
+STEP_SECONDS = Histogram(
+    "engram_turn_step_duration_seconds",
+    "Time of each step of a chat turn: load (Redis round trip 1), model (request to last piece), "
+    "commit (Redis round trip 2).",
+    ["step"],
+    buckets=STEP_BUCKETS,
 )
 MODEL_SECONDS = Histogram(
     "engram_model_duration_seconds",
@@ -109,9 +112,10 @@ def initialise() -> None:
         TURN_SECONDS.labels(turn)
     for model in MODEL_OUTCOMES:
         MODEL_SECONDS.labels(model)
+    for step_name in TURN_STEPS:
+        STEP_SECONDS.labels(step_name)
     for operation in REDIS_OPERATIONS:
         REDIS_ERRORS.labels(operation)
-    _install_model_clock()
 
 
 def render() -> tuple[bytes, str]:
@@ -125,6 +129,9 @@ def render() -> tuple[bytes, str]:
 
 # --- recording ---------------------------------------------------------------------------------------
 def observe_load(window: Window, seconds: float) -> None:
+    STEP_SECONDS.labels("load").observe(seconds)
+    if window.outcome == "off":  # ENGRAM_MEMORY=off: nothing was loaded
+        return
     HISTORY_LOADS.labels(window.outcome).inc()
     HISTORY_LOAD_SECONDS.labels(window.outcome).observe(seconds)
     HISTORY_MESSAGES.inc(len(window.messages))
@@ -141,6 +148,22 @@ def observe_http(route: str, method: str, status: int, seconds: float) -> None:
     HTTP_SECONDS.labels(route, method).observe(seconds)
 
 
+def observe_model(outcome: str, seconds: float) -> None:
+    """The model's answer, from the request to its last piece (or its failure)."""
+    STEP_SECONDS.labels("model").observe(seconds)
+    MODEL_SECONDS.labels(outcome).observe(seconds)
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    """Time a step of a turn (whether it succeeds or fails)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        STEP_SECONDS.labels(name).observe(time.perf_counter() - started)
+
+
 @contextmanager
 def redis_operation(operation: str) -> Iterator[None]:
     """Count a :class:`StoreUnavailable` raised inside the block under ``operation``, and re-raise it."""
@@ -149,53 +172,3 @@ def redis_operation(operation: str) -> Iterator[None]:
     except StoreUnavailable:
         REDIS_ERRORS.labels(operation).inc()
         raise
-
-
-# --- model latency ------------------------------------------------------------------------------------
-@dataclass
-class ModelClock:
-    """Times the model call of one turn. LlamaIndex announces the call with instrumentation events;
-    the clock of the current request is found through a context variable (streamed answers are read
-    by a task created inside the request, which inherits it)."""
-
-    started: float | None = None
-    observed: bool = field(default=False)
-
-    def start(self) -> None:
-        if self.started is None:
-            self.started = time.perf_counter()
-
-    def finish(self, outcome: str) -> None:
-        if self.started is not None and not self.observed:
-            self.observed = True
-            MODEL_SECONDS.labels(outcome).observe(time.perf_counter() - self.started)
-
-
-_model_clock: ContextVar[ModelClock | None] = ContextVar("engram_model_clock", default=None)
-
-
-def start_model_clock() -> ModelClock:
-    clock = ModelClock()
-    _model_clock.set(clock)
-    return clock
-
-
-class _ModelEventHandler(BaseEventHandler):
-    @classmethod
-    def class_name(cls) -> str:
-        return "EngramModelClock"
-
-    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
-        clock = _model_clock.get()
-        if clock is None:
-            return
-        if isinstance(event, LLMChatStartEvent):
-            clock.start()
-        elif isinstance(event, LLMChatEndEvent):
-            clock.finish("ok")
-
-
-def _install_model_clock() -> None:
-    dispatcher = get_dispatcher()
-    if not any(isinstance(handler, _ModelEventHandler) for handler in dispatcher.event_handlers):
-        dispatcher.add_event_handler(_ModelEventHandler())

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from engram.messages import SessionInfo, StoredMessage
+from engram.server.turn import TurnResult
 
 
 def iso_time(seconds: float) -> str:
@@ -48,6 +49,17 @@ class ChatReply(BaseModel):
     reply: str
     served_by: str = Field(description="host:pid of the process that answered")
     history: HistoryInfo
+
+    @classmethod
+    def of(cls, result: TurnResult) -> ChatReply:
+        history = HistoryInfo(cache=result.cache, messages=result.messages)
+        return cls(
+            session_id=result.session_id,
+            turn_id=result.turn_id,
+            reply=result.reply,
+            served_by=result.served_by,
+            history=history,
+        )
 
 
 class SessionOut(BaseModel):

@@ -1,19 +1,24 @@
-"""One chat turn: a LlamaIndex chat engine over :class:`~engram.llama_index.EngramMemory`.
+"""One chat turn, as a pipeline read from top to bottom.
 
-Nothing about a conversation stays in the process between requests: every turn rebuilds its memory
-from Redis (two round trips: load the window, commit the pair), so any replica can serve any turn.
+    authenticate  the route's dependency: the API key names the tenant and its policy (deps.py)
+    validate      validate(): what can be checked without Redis; the user message counted once
+    load          load(): the session's window, one Redis round trip (and a retry's stored turn)
+    model         start_model(): the window that fits the token limit, then the new message, streamed
+    commit        commit(): the user message and the reply, one atomic, idempotent round trip
+    metrics       load, model and commit each timed (engram_turn_step_duration_seconds{step}); the
+                  turn's outcome counted once, when it ends (engram_turns_total{outcome})
 
-    validate  ->  load window (1)  ->  replay?  -> answer the stored reply, model not called
-                                   ->  model    -> commit user+reply with turn_id (2)
-                                                   duplicate? -> answer the reply stored first
+Every turn streams: a JSON answer is the stream collected (:meth:`Turn.collect`). Nothing about a
+conversation stays in the process between requests (the store's tail cache is validated on every
+load), so any replica serves any turn. The memory is a :class:`TurnMemory`: the session's history in
+Redis, or with ``ENGRAM_MEMORY=off`` (a benchmark baseline, not a mode to serve users with) a
+:class:`NullMemory` that loads and stores nothing; the pipeline is the same.
 
+A retry with a committed turn id is answered from the stored turn (load finds it; the model is not
+called); a retry racing the first request is answered with what the first stored (commit finds it).
 A model failure commits nothing (502). Redis trouble before the commit commits nothing (503
-``store_unavailable``; 507 ``store_full`` when Redis is at maxmemory, found by the load, before the model
-runs); a commit that got no answer is 503 ``outcome_unknown`` with the turn id to retry with.
-
-``ENGRAM_MEMORY=off`` is a benchmark baseline, not a mode to serve users with: the same engine and model
-over a memory that starts empty and is dropped after the turn, so nothing is loaded or stored and the
-model is given only the new message (``history.cache`` is then ``off``).
+``store_unavailable``; 507 ``store_full``, found by the load, before the model runs); a commit that got
+no answer is 503 ``outcome_unknown`` with the turn id to retry with.
 """
 
 from __future__ import annotations
@@ -22,37 +27,75 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from llama_index.core.chat_engine import SimpleChatEngine
-from llama_index.core.llms import LLM, ChatMessage, ChatResponseAsyncGen, MessageRole
-from llama_index.core.memory import ChatMemoryBuffer
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
 
 from engram.errors import EngramError, InvalidInput, MessageTooLarge, StoreFull, StoreUnavailable
+from engram.history.cache import drop_unanswerable_start, fit_budget
 from engram.history.store import HistoryStore, validate_turn_id
-from engram.llama_index import EngramMemory
-from engram.messages import CacheOutcome, CommittedTurn, NewMessage, Window, stream_id_key
+from engram.messages import CommittedTurn, HistoryOutcome, NewMessage, StoredMessage, Window, stream_id_key
 from engram.policy import Tenant
 from engram.redis_keys import validate_session_id
 from engram.server import metrics
-from engram.server.errors import ModelFailed, TurnIdReused, error_content, redact, summarize_model_error
-from engram.server.schemas import ChatReply, ChatRequest, HistoryInfo
+from engram.server.errors import ModelFailed, TurnIdReused, redact, summarize_model_error
+from engram.server.model import ChatModel, PromptMessage
 
 log = logging.getLogger("engram.server")
 
 
+# --- what a turn is given ---------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class TurnContext:
-    """What a turn needs besides the request: shared per process, except the tenant."""
+class TurnRequest:
+    """One new user message for a session; ``turn_id`` makes retries safe (generated when absent)."""
+
+    session_id: str
+    message: str
+    turn_id: str | None = None
+
+
+class TurnMemory(Protocol):
+    """Where a turn's history comes from and goes to."""
+
+    async def load(self, session_id: str, token_limit: int, turn_id: str) -> Window: ...
+
+    async def commit(self, session_id: str, turn_id: str, user: NewMessage, reply: NewMessage) -> CommittedTurn: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMemory:
+    """The session's history in Redis: one round trip to load, one to commit."""
 
     store: HistoryStore
-    llm: LLM
+    tenant: Tenant
+
+    async def load(self, session_id: str, token_limit: int, turn_id: str) -> Window:
+        return await self.store.load_window(self.tenant.name, session_id, token_limit, turn_id=turn_id)
+
+    async def commit(self, session_id: str, turn_id: str, user: NewMessage, reply: NewMessage) -> CommittedTurn:
+        return await self.store.append(self.tenant.name, session_id, [user, reply], self.tenant.policy, turn_id=turn_id)
+
+
+class NullMemory:
+    """ENGRAM_MEMORY=off: nothing loaded, nothing stored; the model is given only the new message."""
+
+    async def load(self, session_id: str, token_limit: int, turn_id: str) -> Window:
+        return Window([], "off", 0)
+
+    async def commit(self, session_id: str, turn_id: str, user: NewMessage, reply: NewMessage) -> CommittedTurn:
+        kept = [StoredMessage(f"0-{i}", m.role, m.content, m.tokens or 0, turn_id) for i, m in enumerate((user, reply))]
+        return CommittedTurn(turn_id, kept)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What a turn needs besides the request: shared per process, except the tenant and its memory."""
+
+    store: HistoryStore  # its rules validate messages and its tokenizer counts them, whatever the memory
+    memory: TurnMemory
+    model: ChatModel
     tenant: Tenant
     served_by: str
-    memory: bool = True  # False: ENGRAM_MEMORY=off, the stateless benchmark baseline
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,57 +104,196 @@ class TurnResult:
     turn_id: str
     reply: str
     served_by: str
-    cache: CacheOutcome | Literal["off"]
-    messages: int
+    cache: HistoryOutcome
+    messages: int  # earlier messages of the session the model was given the window of
 
-    def body(self) -> ChatReply:
-        return ChatReply(
-            session_id=self.session_id,
-            turn_id=self.turn_id,
-            reply=self.reply,
-            served_by=self.served_by,
-            history=HistoryInfo(cache=self.cache, messages=self.messages),
+
+# --- the steps --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ValidTurn:
+    session_id: str
+    turn_id: str
+    user: NewMessage  # validated, tokens counted
+
+
+def validate(ctx: TurnContext, request: TurnRequest) -> ValidTurn:
+    """Everything that can be checked without Redis. The message must fit the byte limit and the
+    tenant's token limit (the model is given the message plus the history that fits that limit)."""
+    session_id = validate_session_id(request.session_id)
+    turn_id = validate_turn_id(request.turn_id) if request.turn_id is not None else uuid.uuid4().hex
+    user = ctx.store.prepare(NewMessage("user", request.message))
+    token_limit = ctx.tenant.policy.token_limit
+    if (user.tokens or 0) > token_limit:
+        raise MessageTooLarge(f"message of {user.tokens} tokens is over the token limit of {token_limit}")
+    return ValidTurn(session_id, turn_id, user)
+
+
+async def load(ctx: TurnContext, turn: ValidTurn) -> Window:
+    """Round trip 1: the window (and, for a retry, the stored turn, which must be of the same message)."""
+    started = time.perf_counter()
+    with metrics.redis_operation("load"):
+        window = await ctx.memory.load(turn.session_id, ctx.tenant.policy.token_limit, turn.turn_id)
+    metrics.observe_load(window, time.perf_counter() - started)
+    if window.replay is not None:
+        _check_same_message(window.replay, turn)
+    return window
+
+
+def prompt(ctx: TurnContext, window: Window, turn: ValidTurn) -> list[PromptMessage]:
+    """What the model is given: the newest history that fits beside the new message, then the message."""
+    budget = ctx.tenant.policy.token_limit - (turn.user.tokens or 0)
+    history = drop_unanswerable_start(fit_budget(window.messages, budget))
+    return [PromptMessage(m.role, m.content) for m in history] + [PromptMessage("user", turn.user.content)]
+
+
+async def start_model(ctx: TurnContext, messages: list[PromptMessage], turn: ValidTurn) -> ModelStream:
+    """Ask the model and wait for its first piece, so a model that fails before any output is still an
+    ordinary error response (502), not an error in the middle of a stream."""
+    stream = ModelStream(ctx.model.stream(messages), turn.turn_id)
+    await stream.first()
+    return stream
+
+
+async def commit(ctx: TurnContext, turn: ValidTurn, reply: str) -> CommittedTurn:
+    """Round trip 2: the user message and the reply, adjacent and atomic; a turn id already stored
+    stores nothing and returns the first answer (a concurrent retry)."""
+    try:
+        answer = ctx.store.prepare(NewMessage("assistant", reply))
+    except MessageTooLarge as error:
+        raise ModelFailed(f"the model's reply cannot be stored: {error}") from error
+    with metrics.step("commit"), metrics.redis_operation("commit"):
+        committed = await ctx.memory.commit(turn.session_id, turn.turn_id, turn.user, answer)
+    if committed.duplicate:
+        _check_same_message(committed, turn)
+    return committed
+
+
+def _check_same_message(stored: CommittedTurn, turn: ValidTurn) -> None:
+    """A turn id names one message: replaying its reply for another message would answer the wrong one."""
+    user = next((m.content for m in stored.messages if m.role == "user"), None)
+    if user is not None and user != turn.user.content:
+        raise TurnIdReused(
+            f"turn_id {stored.turn_id!r} was already used for a different message; "
+            "send a new turn_id for a new message (a retry must resend the same message)"
         )
 
 
-def validate_request(ctx: TurnContext, request: ChatRequest) -> str:
-    """Check everything that can be checked without Redis; return the turn id (generated if absent).
+# --- the model's stream -----------------------------------------------------------------------------
+class ModelStream:
+    """The model's reply being read: timed from the request to the last piece, its errors turned into
+    :class:`ModelFailed` (summarized for the client, details logged with secrets masked)."""
 
-    A message must fit both the byte limit and the tenant's token limit (the model is given the
-    message plus as much history as fits that limit: a message over it leaves no room even for itself).
-    """
-    validate_session_id(request.session_id)
-    turn_id = validate_turn_id(request.turn_id) if request.turn_id is not None else uuid.uuid4().hex
-    ctx.store.validate(NewMessage("user", request.message))  # the store's own rules, before the model runs
-    token_limit = ctx.tenant.policy.token_limit
-    if len(request.message.encode("utf-8")) > token_limit:  # a token is at least one byte: only then can it be over
-        tokens = ctx.store.count_tokens(request.message)
-        if tokens > token_limit:
-            raise MessageTooLarge(f"message of {tokens} tokens is over the token limit of {token_limit}")
-    return turn_id
+    def __init__(self, pieces: AsyncGenerator[str, None], turn_id: str) -> None:
+        self._pieces = pieces
+        self._turn_id = turn_id
+        self._started = time.perf_counter()
+        self._head = ""
+        self._finished = False
+
+    async def first(self) -> None:
+        """Wait for the first non-empty piece (some models send an empty one first)."""
+        while (piece := await self._next()) is not None:
+            if piece:
+                self._head = piece
+                return
+
+    async def rest(self) -> AsyncIterator[str]:
+        """The first piece, then every later one."""
+        if self._head:
+            yield self._head
+        while (piece := await self._next()) is not None:
+            if piece:
+                yield piece
+
+    async def _next(self) -> str | None:
+        """The next piece, or None when the model is done."""
+        if self._finished:
+            return None
+        try:
+            return await anext(self._pieces)
+        except StopAsyncIteration:
+            self._finish("ok")
+            return None
+        except Exception as error:
+            self._finish("error")
+            log.warning("model call failed for turn %s: %s", self._turn_id, redact(f"{type(error).__name__}: {error}"))
+            raise ModelFailed(summarize_model_error(error)) from error
+
+    def _finish(self, outcome: str) -> None:
+        if not self._finished:
+            self._finished = True
+            metrics.observe_model(outcome, time.perf_counter() - self._started)
+
+    async def aclose(self) -> None:
+        """Stop the model (its HTTP response is closed); a reply nobody reads is not generated to the end."""
+        with contextlib.suppress(Exception):
+            await self._pieces.aclose()
 
 
-@dataclass
-class _TurnOutcome:
-    outcome: str = "ok"
-    started: float = field(default_factory=time.perf_counter)
+# --- the turn ---------------------------------------------------------------------------------------
+class Turn:
+    """A turn past its model's first piece (or a retry answered from the store): read the reply with
+    :meth:`deltas` (the commit runs when the model is done; then :attr:`result` is set) or
+    :meth:`collect`; :meth:`aclose` ends it however it ends, and counts its outcome once."""
+
+    def __init__(
+        self, ctx: TurnContext, turn: ValidTurn, window: Window, started: float, model: ModelStream | None
+    ) -> None:
+        self.ctx, self.turn, self.window, self.started, self.model = ctx, turn, window, started, model
+        self.result: TurnResult | None = None
+        self.outcome = "abandoned"  # until deltas() ends: the client went away
+        self._closed = False
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """The reply piece by piece; raises :class:`EngramError` (nothing stored) if the turn fails."""
+        try:
+            if self.model is None:  # a retry of a committed turn: its stored reply, the model not called
+                assert self.window.replay is not None
+                self.result, self.outcome = self._result(self.window.replay.reply), "replayed"
+                yield self.result.reply
+                return
+            parts: list[str] = []
+            async for piece in self.model.rest():
+                parts.append(piece)
+                yield piece
+            committed = await commit(self.ctx, self.turn, "".join(parts).strip())
+            self.outcome = "duplicate" if committed.duplicate else "ok"
+            self.result = self._result(committed.reply)
+        except EngramError as error:
+            self.outcome = failure_outcome(error)
+            raise
+
+    async def collect(self) -> TurnResult:
+        """The whole turn (the JSON answer)."""
+        try:
+            async for _ in self.deltas():
+                pass
+        finally:
+            await self.aclose()
+        assert self.result is not None
+        return self.result
+
+    async def aclose(self) -> None:
+        """End the turn: stop the model if it is still answering, and count the outcome. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.model is not None:
+            await self.model.aclose()
+        metrics.observe_turn(self.outcome, time.perf_counter() - self.started)
+
+    def _result(self, reply: str) -> TurnResult:
+        window = self.window
+        messages = len(window.messages)
+        if window.replay is not None and window.replay.messages:
+            # a retry: count what preceded the stored turn, as the first answer did (the window now holds it too)
+            first = stream_id_key(window.replay.messages[0].id)
+            messages = sum(1 for m in window.messages if stream_id_key(m.id) < first)
+        return TurnResult(self.turn.session_id, self.turn.turn_id, reply, self.ctx.served_by, window.outcome, messages)
 
 
-@contextmanager
-def _turn_metrics(*, failures_only: bool = False) -> Iterator[_TurnOutcome]:
-    """Record the turn's outcome and duration when the block ends (with ``failures_only``, only when
-    it fails: a stream that started records its outcome when it ends)."""
-    turn = _TurnOutcome()
-    try:
-        yield turn
-    except Exception as error:
-        metrics.observe_turn(_failure_outcome(error), time.perf_counter() - turn.started)
-        raise
-    if not failures_only:
-        metrics.observe_turn(turn.outcome, time.perf_counter() - turn.started)
-
-
-def _failure_outcome(error: Exception) -> str:
+def failure_outcome(error: Exception) -> str:
+    """The ``engram_turns_total`` outcome of a turn that failed with ``error``."""
     if isinstance(error, InvalidInput | TurnIdReused):
         return "rejected"
     if isinstance(error, StoreUnavailable | StoreFull):  # its code: store_unavailable, store_read_only, ...
@@ -119,223 +301,22 @@ def _failure_outcome(error: Exception) -> str:
     return "model_error"
 
 
-def _model_failure(error: Exception, clock: metrics.ModelClock, turn_id: str) -> Exception:
-    """What to raise for an exception out of the model call or the commit after it: store errors pass
-    through (an unanswered commit is the store's ``OutcomeUnknown``), the rest came from the model (a
-    reply too large to store counts as the model's failure, too).
-
-    A model error is summarized for the client (its type, and the upstream HTTP status if any); its
-    text, which can echo request headers, goes to the log only, with secrets masked."""
-    if isinstance(error, MessageTooLarge):
-        clock.finish("ok")
-        return ModelFailed(f"the model's reply cannot be stored: {error}")
-    if isinstance(error, EngramError):
-        clock.finish("ok")
-        return error
-    clock.finish("error")
-    log.warning("model call failed for turn %s: %s", turn_id, redact(f"{type(error).__name__}: {error}"))
-    return ModelFailed(summarize_model_error(error))
-
-
-async def _begin(ctx: TurnContext, request: ChatRequest, turn_id: str) -> tuple[EngramMemory, Window]:
-    """Round trip 1: the memory of this turn with its window loaded (and, for a retry, the stored turn,
-    which must be of the same message)."""
-    memory = EngramMemory(
-        store=ctx.store,
-        tenant=ctx.tenant.name,
-        session_id=request.session_id,
-        policy=ctx.tenant.policy,
-        turn_id=turn_id,
-    )
+async def start_turn(ctx: TurnContext, request: TurnRequest) -> Turn:
+    """validate -> load -> the model's first piece (or the stored answer of a retry). A failure up to
+    here raises (an ordinary error response) and is counted here; after it, :class:`Turn` counts."""
     started = time.perf_counter()
-    with metrics.redis_operation("load"):
-        window = await memory.aload()
-    metrics.observe_load(window, time.perf_counter() - started)
-    if window.replay is not None:
-        _check_same_message(window.replay, request)
-    return memory, window
-
-
-def _stateless_engine(ctx: TurnContext) -> SimpleChatEngine:
-    """ENGRAM_MEMORY=off: the same engine over an in-process memory that starts empty (nothing loaded)
-    and is dropped after the turn (nothing stored)."""
-    memory = ChatMemoryBuffer.from_defaults(token_limit=ctx.tenant.policy.token_limit)
-    return SimpleChatEngine.from_defaults(llm=ctx.llm, memory=memory)
-
-
-def _result(ctx: TurnContext, request: ChatRequest, turn_id: str, window: Window | None, reply: str) -> TurnResult:
-    if window is None:  # ENGRAM_MEMORY=off
-        return TurnResult(request.session_id, turn_id, reply, ctx.served_by, cache="off", messages=0)
-    messages = len(window.messages)
-    if window.replay is not None and window.replay.messages:
-        # a retry: count what preceded the stored turn, as the first answer did (the window now holds it too)
-        first = stream_id_key(window.replay.messages[0].id)
-        messages = sum(1 for m in window.messages if stream_id_key(m.id) < first)
-    return TurnResult(
-        session_id=request.session_id,
-        turn_id=turn_id,
-        reply=reply,
-        served_by=ctx.served_by,
-        cache=window.outcome,
-        messages=messages,
-    )
-
-
-def _committed(memory: EngramMemory, request: ChatRequest) -> CommittedTurn:
-    committed = memory.committed
-    if committed is None:  # the engine returned without putting the reply: treat as a model failure
-        raise ModelFailed("the model returned no message")
-    if committed.duplicate:  # a concurrent request with the same turn id stored first
-        _check_same_message(committed, request)
-    return committed
-
-
-def _check_same_message(stored: CommittedTurn, request: ChatRequest) -> None:
-    """A turn id names one message: replaying its reply for another message would answer the wrong one."""
-    user = next((m.content for m in stored.messages if m.role == "user"), None)
-    if user is not None and user != request.message:
-        raise TurnIdReused(
-            f"turn_id {stored.turn_id!r} was already used for a different message; "
-            "send a new turn_id for a new message (a retry must resend the same message)"
-        )
-
-
-async def chat_turn(ctx: TurnContext, request: ChatRequest) -> TurnResult:
-    """Answer one message (non-streaming)."""
-    with _turn_metrics() as turn:
-        turn_id = validate_request(ctx, request)
-        if not ctx.memory:
-            clock = metrics.start_model_clock()
-            try:
-                response = await _stateless_engine(ctx).achat(request.message)
-            except Exception as error:
-                raise _model_failure(error, clock, turn_id) from error
-            return _result(ctx, request, turn_id, None, str(response))
-        memory, window = await _begin(ctx, request, turn_id)
+    try:
+        turn = validate(ctx, request)
+        window = await load(ctx, turn)
         if window.replay is not None:
-            turn.outcome = "replayed"
-            return _result(ctx, request, turn_id, window, window.replay.reply)
-        engine = SimpleChatEngine.from_defaults(llm=ctx.llm, memory=memory)
-        clock = metrics.start_model_clock()
-        try:
-            with metrics.redis_operation("commit"):
-                await engine.achat(request.message)
-        except Exception as error:
-            raise _model_failure(error, clock, turn_id) from error
-        committed = _committed(memory, request)
-        turn.outcome = "duplicate" if committed.duplicate else "ok"
-        return _result(ctx, request, turn_id, window, committed.reply)
+            return Turn(ctx, turn, window, started, model=None)
+        model = await start_model(ctx, prompt(ctx, window, turn), turn)
+    except Exception as error:
+        metrics.observe_turn(failure_outcome(error), time.perf_counter() - started)
+        raise
+    return Turn(ctx, turn, window, started, model)
 
 
-# --- streaming ----------------------------------------------------------------------------------------
-Event = tuple[str, dict[str, Any]]
-
-
-class StreamingTurn:
-    """A turn whose model has produced its first token: the rest is read by :meth:`events`.
-
-    The model's stream is read here, in the request's own task, not by a LlamaIndex background task:
-    when the client leaves, closing :meth:`events` closes the model's stream (and its HTTP response),
-    so an abandoned reply is neither generated to the end nor committed."""
-
-    def __init__(
-        self,
-        ctx: TurnContext,
-        request: ChatRequest,
-        turn_id: str,
-        memory: EngramMemory | None,
-        window: Window | None,
-        stream: ChatResponseAsyncGen | None,
-        first: str,
-        clock: metrics.ModelClock,
-        started: float,
-    ) -> None:
-        self.ctx, self.request, self.turn_id = ctx, request, turn_id
-        self.memory, self.window, self.stream, self.first = memory, window, stream, first
-        self.clock, self.started = clock, started
-        self.outcome = "abandoned"  # until events() reaches done or error: the client went away
-        self._closed = False
-
-    async def aclose(self) -> None:
-        """End the turn: close the model's stream (and its HTTP response, so an abandoned reply stops being
-        generated and billed) and count the turn's outcome. Safe to call more than once."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.stream is not None:
-            with contextlib.suppress(Exception):
-                await self.stream.aclose()
-        metrics.observe_turn(self.outcome, time.perf_counter() - self.started)
-
-    async def events(self) -> AsyncGenerator[Event, None]:
-        """``("token", {"text"})`` events, then ``("done", reply fields)`` or ``("error", error body)``."""
-        try:
-            if self.first:
-                yield "token", {"text": self.first}
-            if self.stream is not None:
-                parts = [self.first]
-                try:
-                    async for chunk in self.stream:
-                        if chunk.delta:
-                            parts.append(chunk.delta)
-                            yield "token", {"text": chunk.delta}
-                    self.clock.finish("ok")
-                    reply = "".join(parts).strip()
-                    if self.memory is not None:  # the commit: user message and reply, one round trip
-                        with metrics.redis_operation("commit"):
-                            await self.memory.aput(ChatMessage(role=MessageRole.ASSISTANT, content=reply))
-                except Exception as error:
-                    raise _model_failure(error, self.clock, self.turn_id) from error
-                if self.memory is None:  # ENGRAM_MEMORY=off: nothing was stored
-                    self.outcome = "ok"
-                else:
-                    committed = _committed(self.memory, self.request)
-                    self.outcome = "duplicate" if committed.duplicate else "ok"
-                    reply = committed.reply
-            else:
-                self.outcome, reply = "replayed", self.first
-            result = _result(self.ctx, self.request, self.turn_id, self.window, reply)
-            yield "done", result.body().model_dump()
-        except EngramError as error:
-            self.outcome = _failure_outcome(error)
-            _, body, _ = error_content(error)
-            yield "error", body
-        finally:
-            await self.aclose()
-
-
-async def _first_delta(stream: ChatResponseAsyncGen) -> str:
-    """The first non-empty piece of the model's reply (some models send an empty one first)."""
-    async for chunk in stream:
-        if chunk.delta:
-            return chunk.delta
-    return ""
-
-
-async def open_stream(ctx: TurnContext, request: ChatRequest) -> StreamingTurn:
-    """Start a streamed turn and wait for the model's first token, so that a failure before any
-    output is still an ordinary error response (502/503) rather than an error event."""
-    with _turn_metrics(failures_only=True) as turn:
-        turn_id = validate_request(ctx, request)
-        memory: EngramMemory | None = None
-        window: Window | None = None
-        user = ChatMessage(role=MessageRole.USER, content=request.message)
-        if ctx.memory:
-            memory, window = await _begin(ctx, request, turn_id)
-            if window.replay is not None:
-                return StreamingTurn(
-                    ctx, request, turn_id, memory, window, None, window.replay.reply, metrics.ModelClock(), turn.started
-                )
-            # What SimpleChatEngine.astream_chat gives the model: the window, then the new message (held
-            # by the memory until the reply commits both).
-            await memory.aput(user)
-            messages = await memory.aget()
-        else:
-            messages = [user]
-        clock = metrics.start_model_clock()
-        try:
-            stream = await ctx.llm.astream_chat(messages)
-            first = await _first_delta(stream)
-        except Exception as error:
-            raise _model_failure(error, clock, turn_id) from error
-    return StreamingTurn(ctx, request, turn_id, memory, window, stream, first, clock, turn.started)
+async def chat_turn(ctx: TurnContext, request: TurnRequest) -> TurnResult:
+    """Answer one message, the whole reply at once."""
+    return await (await start_turn(ctx, request)).collect()

@@ -10,9 +10,11 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from engram.errors import EngramError
 from engram.server.deps import TurnContextDep
+from engram.server.errors import error_content
 from engram.server.schemas import ERROR_RESPONSES, ChatReply, ChatRequest, ErrorBody
-from engram.server.turn import StreamingTurn, chat_turn, open_stream
+from engram.server.turn import Turn, TurnRequest, start_turn
 
 router = APIRouter(tags=["chat"])
 
@@ -32,9 +34,16 @@ def sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-async def _event_stream(turn: StreamingTurn) -> AsyncIterator[bytes]:
-    async for event, data in turn.events():
-        yield sse(event, data)
+async def _event_stream(turn: Turn) -> AsyncIterator[bytes]:
+    """``token`` events (``{"text"}``), then ``done`` (the JSON reply's fields) or ``error`` (the error body)."""
+    try:
+        async for piece in turn.deltas():
+            yield sse("token", {"text": piece})
+    except EngramError as error:
+        yield sse("error", error_content(error)[1])
+        return
+    assert turn.result is not None
+    yield sse("done", ChatReply.of(turn.result).model_dump())
 
 
 class TurnStreamingResponse(StreamingResponse):
@@ -43,7 +52,7 @@ class TurnStreamingResponse(StreamingResponse):
     collection, or (ASGI < 2.4) cancels it before it starts; the turn's model stream would then run,
     and be billed, to the end."""
 
-    def __init__(self, turn: StreamingTurn) -> None:
+    def __init__(self, turn: Turn) -> None:
         super().__init__(
             _event_stream(turn),
             media_type="text/event-stream",
@@ -64,8 +73,7 @@ async def post_chat(body: ChatRequest, ctx: TurnContextDep) -> Any:
 
     Retrying with the same `turn_id` returns the first result and stores nothing twice. Every answer
     carries `X-Served-By` (host:pid), set for all routes by the app's outer layer."""
+    turn = await start_turn(ctx, TurnRequest(body.session_id, body.message, body.turn_id))
     if body.stream:
-        turn = await open_stream(ctx, body)
         return TurnStreamingResponse(turn)
-    result = await chat_turn(ctx, body)
-    return result.body()
+    return ChatReply.of(await turn.collect())

@@ -1,0 +1,107 @@
+"""The model a chat turn talks to: ``echo`` (offline, deterministic) or any OpenAI-compatible server.
+
+Both are a :class:`ChatModel`: ``stream(messages)`` is an async generator of the reply's text pieces.
+Every turn streams (a JSON answer is the stream collected), and the turn reads the stream in its own
+task: closing the generator closes the upstream HTTP response, so a reply nobody waits for stops being
+generated (and billed).
+
+The service talks to models with the ``openai`` SDK directly (imported only when configured), not
+through LlamaIndex: a replica then starts without importing LlamaIndex at all (about a second less to
+ready and tens of MiB less per worker; see docs/benchmarks.md). Library users keep any LlamaIndex LLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engram.echo import echo_pieces, echo_reply
+from engram.server.config import check_llm_settings
+from engram.settings import Settings
+
+# Roles of stored messages as OpenAI's chat API knows them. Tool results are stored without the call
+# they answer (LlamaIndex adapters may write them), so they are given to the model as user text.
+_OPENAI_ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant"}
+_ANSWER_ALIASES = frozenset({"chatbot", "model"})
+
+
+@dataclass(frozen=True, slots=True)
+class PromptMessage:
+    role: str
+    content: str
+
+
+class ChatModel(Protocol):
+    name: str
+
+    def stream(self, messages: Sequence[PromptMessage]) -> AsyncGenerator[str, None]:
+        """The reply to ``messages``, piece by piece (pieces may be empty)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the model's connections (at shutdown)."""
+        ...
+
+
+class EchoModel:
+    """Quotes the previous user message and counts the history (see :mod:`engram.echo`)."""
+
+    name = "echo"
+
+    def __init__(self, max_reply_bytes: int = 32 * 1024) -> None:
+        self.max_reply_bytes = max_reply_bytes
+
+    async def stream(self, messages: Sequence[PromptMessage]) -> AsyncGenerator[str, None]:
+        for piece in echo_pieces(echo_reply(messages, self.max_reply_bytes)):
+            yield piece
+
+    async def aclose(self) -> None:
+        return None
+
+
+def openai_message(message: PromptMessage) -> dict[str, str]:
+    role = _OPENAI_ROLES.get(message.role)
+    if role is not None:
+        return {"role": role, "content": message.content}
+    if message.role in _ANSWER_ALIASES:
+        return {"role": "assistant", "content": message.content}
+    return {"role": "user", "content": f"[{message.role} result] {message.content}"}
+
+
+class OpenAICompatibleModel:
+    """A model behind an OpenAI-compatible ``/chat/completions`` (OpenAI, vLLM, Ollama, llama.cpp, ...)."""
+
+    def __init__(self, *, base_url: str, model: str, api_key: str, timeout: float) -> None:
+        from openai import AsyncOpenAI  # deferred: only a replica configured for it pays the import
+
+        self.name = model
+        # One retry, as the SDK's default of two would hold a turn (and its client) for three timeouts.
+        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
+
+    async def stream(self, messages: Sequence[PromptMessage]) -> AsyncGenerator[str, None]:
+        payload: Any = [openai_message(m) for m in messages]
+        response = await self._client.chat.completions.create(model=self.name, messages=payload, stream=True)
+        try:
+            async for chunk in response:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        finally:
+            await response.close()  # also when the turn stops reading: the upstream request ends here
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def build_model(settings: Settings) -> ChatModel:
+    """The model that ``ENGRAM_LLM`` selects."""
+    check_llm_settings(settings)
+    if settings.llm == "echo":
+        return EchoModel(max_reply_bytes=settings.max_message_bytes)
+    api_key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else "unused"
+    return OpenAICompatibleModel(
+        base_url=str(settings.llm_base_url),
+        model=str(settings.llm_model),
+        api_key=api_key,
+        timeout=settings.llm_timeout,
+    )
