@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engram.errors import InvalidTenant
-from engram.policy import Policy
+from engram.policy import POLICY_FIELDS, RETENTION, Policy
 from engram.redis_keys import validate_tenant
 from engram.tenancy.provision import TenantSpec
 
@@ -25,19 +25,6 @@ LABEL_MEMORY_NAMESPACE = f"{GROUP}/memorynamespace"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "engram-operator"
 FINALIZER = f"{GROUP}/memory-namespace"
-
-# Defaults and bounds, as in the CRD's openAPIV3Schema.
-DEFAULTS: dict[str, Any] = {
-    "sessionTTLSeconds": 604_800,
-    "maxMessagesPerSession": 10_000,
-    "tokenLimit": 3000,
-    "retentionPolicy": "Retain",
-}
-BOUNDS: dict[str, tuple[int, int]] = {
-    "sessionTTLSeconds": (0, 315_360_000),
-    "maxMessagesPerSession": (2, 10_000_000),
-    "tokenLimit": (16, 1_000_000),
-}
 
 
 class InvalidSpec(ValueError):
@@ -66,21 +53,18 @@ def tenant_of(body: Mapping[str, Any]) -> str:
 
 
 def spec_from_body(body: Mapping[str, Any]) -> TenantSpec:
-    """The tenant spec a MemoryNamespace asks for. Raises :class:`InvalidSpec`."""
-    spec = {**DEFAULTS, **(body.get("spec") or {})}
-    for field, (low, high) in BOUNDS.items():
-        value = spec[field]
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise InvalidSpec(f"spec.{field}: expected an integer in [{low}, {high}], got {value!r}")
-    retention = spec["retentionPolicy"]
-    if retention not in ("Delete", "Retain"):
-        raise InvalidSpec(f"spec.retentionPolicy: expected Delete or Retain, got {retention!r}")
-    return TenantSpec(
-        tenant=tenant_of(body),
-        policy=Policy(
-            token_limit=spec["tokenLimit"],
-            session_ttl_seconds=spec["sessionTTLSeconds"],
-            max_messages_per_session=spec["maxMessagesPerSession"],
-        ),
-        retention=retention,
-    )
+    """The tenant spec a MemoryNamespace asks for, with the defaults and bounds of
+    :data:`engram.policy.POLICY_FIELDS` (the CRD's schema holds the same). Raises :class:`InvalidSpec`."""
+    spec = body.get("spec") or {}
+    values: dict[str, int] = {}
+    for field in POLICY_FIELDS:
+        value = spec.get(field.crd_name, field.default)
+        problem = field.problem(value)
+        if problem is not None:
+            raise InvalidSpec(f"spec.{field.crd_name}: {problem}")
+        values[field.name] = value
+    retention = spec.get(RETENTION.crd_name, RETENTION.default)
+    problem = RETENTION.problem(retention)
+    if problem is not None:
+        raise InvalidSpec(f"spec.{RETENTION.crd_name}: {problem}")
+    return TenantSpec(tenant=tenant_of(body), policy=Policy(**values), retention=RETENTION.parse(retention))

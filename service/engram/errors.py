@@ -6,6 +6,7 @@ The tree::
     ├── InvalidInput                  the caller sent something we refuse; nothing was written
     │   ├── InvalidSessionId
     │   ├── InvalidTenant
+    │   ├── InvalidPolicy             a tenant memory policy field out of its bounds
     │   ├── InvalidMessage            empty content, unknown role, ...
     │   ├── MessageTooLarge
     │   └── InvalidCursor
@@ -35,6 +36,12 @@ class InvalidSessionId(InvalidInput):
 
 class InvalidTenant(InvalidInput):
     code = "invalid_tenant"
+
+
+class InvalidPolicy(InvalidInput):
+    """A memory policy field is outside its bounds; the message names the field, the range and the value."""
+
+    code = "invalid_policy"
 
 
 class InvalidMessage(InvalidInput):

@@ -1,17 +1,126 @@
-"""A tenant and its memory policy."""
+"""A tenant and its memory policy, and the one definition of each policy field.
+
+Each field of the policy is described once, here (:data:`POLICY_FIELDS`, :data:`RETENTION`): its
+default, its bounds, and the names it goes by elsewhere (MemoryNamespace spec and chart values,
+``ENGRAM_*`` setting, ``engram tenant create`` flag). ``Settings``, the operator, the CLI and the
+registry record take them from here. The CRD (``deploy/helm/engram/crds/``) and the chart's
+``values.schema.json`` must be static files for Helm: ``tests/deploy/test_policy_fields.py`` holds their
+defaults and bounds equal to these.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from engram.errors import InvalidPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyField:
+    """One integer field of the memory policy: its default, its bounds (inclusive) and its names."""
+
+    name: str  # attribute of Policy, field of Settings and of the tenant registry record
+    crd_name: str  # MemoryNamespace spec field and chart value (camelCase)
+    cli_flag: str  # option of `engram tenant create`
+    default: int
+    minimum: int
+    maximum: int
+    description: str
+
+    @property
+    def env_name(self) -> str:
+        """The environment variable of the setting that gives the service's default."""
+        return f"ENGRAM_{self.name.upper()}"
+
+    @property
+    def expected(self) -> str:
+        return f"an integer in [{self.minimum}, {self.maximum}]"
+
+    def problem(self, value: object) -> str | None:
+        """Why ``value`` is not valid for this field (``"expected ..., got ..."``), or None if it is."""
+        if isinstance(value, int) and not isinstance(value, bool) and self.minimum <= value <= self.maximum:
+            return None
+        return f"expected {self.expected}, got {value!r}"
+
+
+TOKEN_LIMIT = PolicyField(
+    name="token_limit",
+    crd_name="tokenLimit",
+    cli_flag="--token-limit",
+    default=3000,
+    minimum=16,
+    maximum=1_000_000,
+    description="Tokens of history given to the model on each turn.",
+)
+SESSION_TTL_SECONDS = PolicyField(
+    name="session_ttl_seconds",
+    crd_name="sessionTTLSeconds",
+    cli_flag="--ttl",
+    default=7 * 24 * 3600,
+    minimum=0,
+    maximum=10 * 365 * 24 * 3600,
+    description="Idle seconds after which a session expires; 0 keeps sessions forever.",
+)
+MAX_MESSAGES_PER_SESSION = PolicyField(
+    name="max_messages_per_session",
+    crd_name="maxMessagesPerSession",
+    cli_flag="--max-messages",
+    default=10_000,
+    minimum=2,
+    maximum=10_000_000,
+    description="The oldest messages of a session are trimmed beyond this count.",
+)
+POLICY_FIELDS: tuple[PolicyField, ...] = (TOKEN_LIMIT, SESSION_TTL_SECONDS, MAX_MESSAGES_PER_SESSION)
+
+
+Retention = Literal["Delete", "Retain"]
+RETENTIONS: tuple[Retention, ...] = ("Delete", "Retain")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionField:
+    """What happens to a tenant's sessions when it is deleted. Not part of :class:`Policy` (requests never
+    need it): the MemoryNamespace spec, the registry record and the CLI carry it beside the policy."""
+
+    name: str = "retention"
+    crd_name: str = "retentionPolicy"
+    cli_flag: str = "--retention"
+    default: Retention = "Retain"
+    choices: tuple[Retention, ...] = RETENTIONS
+    description: str = (
+        "What happens to the tenant's sessions when it is deleted: Delete purges them, Retain keeps them."
+    )
+
+    def problem(self, value: object) -> str | None:
+        """Why ``value`` is not a valid retention (``"expected ..., got ..."``), or None if it is."""
+        return None if value in self.choices else f"expected {' or '.join(self.choices)}, got {value!r}"
+
+    def parse(self, value: object) -> Retention:
+        """``value`` as a :data:`Retention`; raises :class:`~engram.errors.InvalidPolicy` naming the choices."""
+        for choice in self.choices:
+            if value == choice:
+                return choice
+        raise InvalidPolicy(f"{self.name}: {self.problem(value)}")
+
+
+RETENTION = RetentionField()
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Per-tenant memory policy."""
+    """Per-tenant memory policy. Construction checks every field against its :class:`PolicyField` and
+    raises :class:`~engram.errors.InvalidPolicy` naming the field, its range and the value given."""
 
-    token_limit: int = 3000
-    session_ttl_seconds: int = 7 * 24 * 3600  # 0 = never expire
-    max_messages_per_session: int = 10_000
+    token_limit: int = TOKEN_LIMIT.default
+    session_ttl_seconds: int = SESSION_TTL_SECONDS.default  # 0 = never expire
+    max_messages_per_session: int = MAX_MESSAGES_PER_SESSION.default
+
+    def __post_init__(self) -> None:
+        for spec in POLICY_FIELDS:
+            problem = spec.problem(getattr(self, spec.name))
+            if problem is not None:
+                raise InvalidPolicy(f"{spec.name}: {problem}")
 
 
 @dataclass(frozen=True, slots=True)

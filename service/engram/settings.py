@@ -7,12 +7,18 @@ message naming the variable.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engram.policy import MAX_MESSAGES_PER_SESSION, SESSION_TTL_SECONDS, TOKEN_LIMIT, PolicyField
 from engram.redis_keys import NAMESPACE_PATTERN
+
+
+def _bounds(policy_field: PolicyField) -> Any:
+    """A memory policy setting's constraints, from its one definition in :mod:`engram.policy`."""
+    return Field(ge=policy_field.minimum, le=policy_field.maximum, description=policy_field.description)
 
 
 class Settings(BaseSettings):
@@ -41,9 +47,10 @@ class Settings(BaseSettings):
     )
 
     # --- memory policy (defaults; a tenant's registry record may override) ------------------------------
-    token_limit: int = Field(3000, ge=16, le=1_000_000, description="tokens of history given to the model")
-    session_ttl_seconds: int = Field(7 * 24 * 3600, ge=0, description="idle sessions expire; 0 = never")
-    max_messages_per_session: int = Field(10_000, ge=2, le=10_000_000, description="oldest are trimmed")
+    # (default, bounds and description of each: engram.policy, the one definition)
+    token_limit: Annotated[int, _bounds(TOKEN_LIMIT)] = TOKEN_LIMIT.default
+    session_ttl_seconds: Annotated[int, _bounds(SESSION_TTL_SECONDS)] = SESSION_TTL_SECONDS.default
+    max_messages_per_session: Annotated[int, _bounds(MAX_MESSAGES_PER_SESSION)] = MAX_MESSAGES_PER_SESSION.default
     max_message_bytes: int = Field(32 * 1024, ge=1, le=16 * 1024 * 1024, description="UTF-8 bytes per message")
     cache_sessions: int = Field(10_000, ge=0, description="session tails kept per process (0 = no cache)")
     memory: Literal["on", "off"] = Field(

@@ -12,8 +12,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from engram.policy import POLICY_FIELDS, RETENTION, Policy, PolicyField
 from engram.redis_keys import TENANT_PATTERN
-from engram_operator.resource import BOUNDS, DEFAULTS, GROUP, KIND, PLURAL, VERSION, InvalidSpec, spec_from_body
+from engram_operator.resource import GROUP, KIND, PLURAL, VERSION, InvalidSpec, spec_from_body
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "deploy/helm/engram/crds/memorynamespaces.engram.dev.yaml"
@@ -108,12 +109,46 @@ def test_a_resource_without_spec_is_rejected() -> None:
         validate(body)
 
 
-def test_crd_defaults_and_bounds_match_the_operator() -> None:
+def test_crd_tenant_pattern_and_retention_choices_match_the_operator() -> None:
+    # (each policy field's default and bounds: tests/deploy/test_policy_fields.py)
     fields = schema()["properties"]["spec"]["properties"]
-    assert {name: fields[name]["default"] for name in DEFAULTS} == DEFAULTS
-    assert {name: (fields[name]["minimum"], fields[name]["maximum"]) for name in BOUNDS} == BOUNDS
     assert fields["tenant"]["pattern"] == f"^{TENANT_PATTERN.pattern}$"
-    assert fields["retentionPolicy"]["enum"] == ["Delete", "Retain"]
+    assert fields["retentionPolicy"]["enum"] == list(RETENTION.choices)
+
+
+def test_an_empty_spec_gets_the_policy_defaults() -> None:
+    body = resource()
+    body["metadata"]["namespace"] = "default"
+    tenant_spec = spec_from_body(body)
+    assert (tenant_spec.policy, tenant_spec.retention) == (Policy(), RETENTION.default)
+
+
+OUT_OF_BOUNDS = [
+    pytest.param(field, value, id=f"{field.crd_name}={value}")
+    for field in POLICY_FIELDS
+    for value in (field.minimum - 1, field.maximum + 1)
+]
+
+
+@pytest.mark.parametrize(("field", "value"), OUT_OF_BOUNDS)
+def test_the_operator_refuses_a_policy_value_out_of_bounds_naming_the_field(field: PolicyField, value: int) -> None:
+    body = resource(**{field.crd_name: value})
+    body["metadata"]["namespace"] = "default"
+    expected = f"spec.{field.crd_name}: expected an integer in [{field.minimum}, {field.maximum}], got {value}"
+    with pytest.raises(InvalidSpec) as refused:
+        spec_from_body(body)
+    assert str(refused.value) == expected
+    with pytest.raises(jsonschema.ValidationError):
+        validate(resource(**{field.crd_name: value}))
+
+
+@pytest.mark.parametrize("field", POLICY_FIELDS, ids=lambda f: f.crd_name)
+def test_the_operator_takes_each_policy_bound_itself(field: PolicyField) -> None:
+    for value in (field.minimum, field.maximum):
+        body = resource(**{field.crd_name: value})
+        body["metadata"]["namespace"] = "default"
+        validate(body)
+        assert getattr(spec_from_body(body).policy, field.name) == value
 
 
 def test_status_fields_the_operator_writes_are_declared() -> None:

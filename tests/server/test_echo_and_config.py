@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -10,8 +11,11 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
 from engram.echo import echo_reply
 from engram.llama_index import EchoLLM
+from engram.policy import POLICY_FIELDS, PolicyField
 from engram.server.auth import bearer_token
+from engram.server.cli import load_settings
 from engram.server.errors import Unauthorized
+from engram.settings import Settings
 from tests.server.support import REPO, service_env
 
 
@@ -75,3 +79,33 @@ def test_invalid_configuration_fails_at_start_with_a_clear_message(env: dict[str
     assert run.returncode == 2
     assert "invalid configuration" in run.stderr and expected in run.stderr
     assert "Traceback" not in run.stderr
+
+
+SETTINGS_OUT_OF_BOUNDS = [
+    pytest.param(field, value, bound, id=f"{field.env_name}={value}")
+    for field in POLICY_FIELDS
+    for value, bound in (
+        (field.minimum - 1, f"greater than or equal to {field.minimum}"),
+        (field.maximum + 1, f"less than or equal to {field.maximum}"),
+    )
+]
+
+
+@pytest.mark.parametrize(("field", "value", "bound"), SETTINGS_OUT_OF_BOUNDS)
+def test_settings_refuse_a_policy_default_out_of_bounds_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], field: PolicyField, value: int, bound: str
+) -> None:
+    for name in [name for name in os.environ if name.startswith("ENGRAM_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(field.env_name, str(value))
+    with pytest.raises(SystemExit) as exited:
+        load_settings()
+    assert exited.value.code == 2
+    assert f"{field.env_name}: Input should be {bound} (got '{value}')" in capsys.readouterr().err
+
+
+def test_settings_defaults_are_the_policy_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [name for name in os.environ if name.startswith("ENGRAM_")]:
+        monkeypatch.delenv(name)
+    settings = Settings()
+    assert {f.name: getattr(settings, f.name) for f in POLICY_FIELDS} == {f.name: f.default for f in POLICY_FIELDS}

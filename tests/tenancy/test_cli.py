@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from engram.policy import POLICY_FIELDS, PolicyField
 from engram.redis_keys import KeySpace
 from engram.settings import get_settings
 from engram.tenancy.apikeys import hash_secret, parse_api_key
@@ -66,6 +67,41 @@ def test_create_takes_policy_defaults_from_settings(
     get_settings.cache_clear()
     assert run(capsys, "create", "acme")[0] == EXIT_OK
     assert admin.hget(KEYS.tenant_record("acme"), "token_limit") == "1234"
+
+
+OUT_OF_BOUNDS = [
+    pytest.param(field, value, id=f"{field.cli_flag}={value}")
+    for field in POLICY_FIELDS
+    for value in (field.minimum - 1, field.maximum + 1)
+]
+
+
+@pytest.mark.parametrize(("field", "value"), OUT_OF_BOUNDS)
+def test_create_refuses_a_policy_value_out_of_bounds_with_exit_2_naming_the_range(
+    capsys: pytest.CaptureFixture[str], admin: redis.Redis, field: PolicyField, value: int
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["tenant", "create", "acme", field.cli_flag, str(value)])
+    out, err = capsys.readouterr()
+    assert (exited.value.code, out) == (2, "")
+    assert f"argument {field.cli_flag}: expected an integer in [{field.minimum}, {field.maximum}], got {value}" in err
+    assert not admin.exists(KEYS.tenant_record("acme"))
+
+
+@pytest.mark.parametrize("field", POLICY_FIELDS, ids=lambda f: f.cli_flag)
+def test_create_takes_each_policy_bound_itself(
+    capsys: pytest.CaptureFixture[str], admin: redis.Redis, field: PolicyField
+) -> None:
+    for name, value in (("low", field.minimum), ("high", field.maximum)):
+        assert run(capsys, "create", name, field.cli_flag, str(value))[0] == EXIT_OK
+        assert admin.hget(KEYS.tenant_record(name), field.name) == str(value)
+
+
+def test_create_refuses_a_policy_value_that_is_not_an_integer(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["tenant", "create", "acme", "--ttl", "1h"])
+    assert exited.value.code == 2
+    assert "argument --ttl: expected an integer in [0, 315360000], got '1h'" in capsys.readouterr().err
 
 
 def test_creating_an_existing_tenant_is_refused_and_prints_no_key(capsys: pytest.CaptureFixture[str]) -> None:

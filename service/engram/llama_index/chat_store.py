@@ -18,7 +18,7 @@ from engram.connections import create_redis
 from engram.history.store import HistoryStore
 from engram.llama_index._runtime import Operation, StoreRuntime
 from engram.llama_index.convert import to_chat_message, to_new_message
-from engram.policy import Policy
+from engram.policy import MAX_MESSAGES_PER_SESSION, SESSION_TTL_SECONDS, Policy
 from engram.redis_keys import KeySpace
 from engram.settings import Settings
 
@@ -47,8 +47,18 @@ class RedisChatStore(_StoreBacked, BaseChatStore):
     """A LlamaIndex chat store whose keys are session ids of one Engram tenant."""
 
     tenant: str = Field(default="default", description="tenant (DNS label) the sessions belong to")
-    ttl: int = Field(default=0, ge=0, description="seconds an idle session lives; 0 = forever")
-    max_messages: int = Field(default=10_000, ge=2, description="oldest messages beyond this are trimmed")
+    ttl: int = Field(
+        default=0,
+        ge=SESSION_TTL_SECONDS.minimum,
+        le=SESSION_TTL_SECONDS.maximum,
+        description="seconds an idle session lives; 0 = forever",
+    )
+    max_messages: int = Field(
+        default=10_000,
+        ge=MAX_MESSAGES_PER_SESSION.minimum,
+        le=MAX_MESSAGES_PER_SESSION.maximum,
+        description="oldest messages beyond this are trimmed",
+    )
 
     _runtime: StoreRuntime = PrivateAttr()
 

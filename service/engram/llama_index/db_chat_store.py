@@ -18,13 +18,23 @@ from engram.history.store import HistoryStore
 from engram.llama_index._runtime import StoreRuntime
 from engram.llama_index.chat_store import store_from_url
 from engram.llama_index.convert import to_chat_message, to_new_message
-from engram.policy import Policy
+from engram.policy import MAX_MESSAGES_PER_SESSION, SESSION_TTL_SECONDS, Policy
 
 
 class EngramDBChatStore(AsyncDBChatStore):
     tenant: str = Field(default="default", description="tenant (DNS label) the sessions belong to")
-    ttl: int = Field(default=0, ge=0, description="seconds an idle session lives; 0 = forever")
-    max_messages: int = Field(default=100_000, ge=2, description="active messages beyond this are trimmed")
+    ttl: int = Field(
+        default=0,
+        ge=SESSION_TTL_SECONDS.minimum,
+        le=SESSION_TTL_SECONDS.maximum,
+        description="seconds an idle session lives; 0 = forever",
+    )
+    max_messages: int = Field(
+        default=100_000,
+        ge=MAX_MESSAGES_PER_SESSION.minimum,
+        le=MAX_MESSAGES_PER_SESSION.maximum,
+        description="active messages beyond this are trimmed",
+    )
 
     _runtime: StoreRuntime = PrivateAttr()
 

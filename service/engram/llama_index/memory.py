@@ -27,7 +27,7 @@ from engram.history.store import HistoryStore
 from engram.llama_index._runtime import Operation, StoreRuntime
 from engram.llama_index.convert import to_chat_message, to_new_message
 from engram.messages import CommittedTurn, NewMessage, StoredMessage, Window
-from engram.policy import Policy
+from engram.policy import TOKEN_LIMIT, Policy
 
 _ANSWER_ROLES = frozenset({"assistant", "model", "chatbot"})
 
@@ -37,7 +37,12 @@ class EngramMemory(BaseMemory):
 
     tenant: str = Field(default="default", description="tenant (DNS label) owning the session")
     session_id: str = Field(description="stable id of the conversation; the same on every replica")
-    token_limit: int = Field(default=3000, gt=0, description="tokens of history handed to the model")
+    token_limit: int = Field(
+        default=TOKEN_LIMIT.default,
+        ge=TOKEN_LIMIT.minimum,
+        le=TOKEN_LIMIT.maximum,
+        description="tokens of history handed to the model",
+    )
     turn_id: str | None = Field(default=None, description="id of the next commit (idempotency); random if unset")
     tokenizer_fn: Callable[[str], list[Any]] = Field(
         default_factory=get_tokenizer, exclude=True, description="used by chat engines for prefix messages"

@@ -8,6 +8,7 @@
 
 Only the requested value goes to stdout (so ``KEY=$(engram tenant create demo)`` works); everything
 else goes to stderr. Exit codes: 0 done, 1 refused (exists, not found, managed by the operator),
+2 bad arguments (e.g. a policy value outside its bounds, which come from ``engram.policy``),
 3 Redis unavailable.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.errors import EngramError, StoreUnavailable
-from engram.policy import Policy
+from engram.policy import POLICY_FIELDS, RETENTION, Policy, PolicyField
 from engram.redis_keys import KeySpace
 from engram.settings import Settings, get_settings
 from engram.tenancy.apikeys import generate_api_key, hash_secret
@@ -38,7 +39,7 @@ from engram.tenancy.provision import (
     record_for,
     remove_tenant,
 )
-from engram.tenancy.records import CLI_OWNER, RETENTIONS
+from engram.tenancy.records import CLI_OWNER
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -51,11 +52,20 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return number
+def _policy_value(policy_field: PolicyField) -> Callable[[str], int]:
+    """An argparse ``type`` that takes an integer within the field's bounds (else exit 2, naming them)."""
+
+    def parse(text: str) -> int:
+        try:
+            value: object = int(text)
+        except ValueError:
+            value = text
+        problem = policy_field.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return int(text)
+
+    return parse
 
 
 def add_parser(subparsers: Any) -> None:
@@ -73,17 +83,20 @@ def add_parser(subparsers: Any) -> None:
 
     create = command("create", "create a tenant and print its API key (only the key, on stdout)", _create)
     create.add_argument("name", help="tenant name: a DNS label ([a-z0-9-], at most 63)")
-    create.add_argument("--token-limit", type=_positive_int, help="default: ENGRAM_TOKEN_LIMIT")
+    for policy_field in POLICY_FIELDS:
+        create.add_argument(
+            policy_field.cli_flag,
+            dest=policy_field.name,
+            type=_policy_value(policy_field),
+            metavar="SECONDS" if policy_field.name.endswith("_seconds") else "N",
+            help=f"{policy_field.description} {policy_field.minimum}..{policy_field.maximum} "
+            f"(default: {policy_field.env_name}, else {policy_field.default})",
+        )
     create.add_argument(
-        "--ttl",
-        type=_positive_int,
-        help="idle seconds before a session expires, 0 = never (default: ENGRAM_SESSION_TTL_SECONDS)",
-    )
-    create.add_argument("--max-messages", type=_positive_int, help="default: ENGRAM_MAX_MESSAGES_PER_SESSION")
-    create.add_argument(
-        "--retention",
-        choices=RETENTIONS,
-        default="Retain",
+        RETENTION.cli_flag,
+        dest=RETENTION.name,
+        choices=RETENTION.choices,
+        default=RETENTION.default,
         help="recorded for reference; `delete --purge` decides what is deleted",
     )
     create.add_argument(
@@ -135,11 +148,10 @@ async def _with_nodes(command: Command, args: argparse.Namespace, settings: Sett
 
 async def _create(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, settings: Settings) -> int:
     policy = Policy(
-        token_limit=settings.token_limit if args.token_limit is None else args.token_limit,
-        session_ttl_seconds=settings.session_ttl_seconds if args.ttl is None else args.ttl,
-        max_messages_per_session=(
-            settings.max_messages_per_session if args.max_messages is None else args.max_messages
-        ),
+        **{
+            f.name: getattr(settings, f.name) if getattr(args, f.name) is None else getattr(args, f.name)
+            for f in POLICY_FIELDS
+        }
     )
     spec = TenantSpec(args.name, policy, args.retention)
     existing = await current_record(nodes, keys, spec.tenant)

@@ -23,12 +23,12 @@ from redis.exceptions import RedisError
 from engram.errors import InvalidTenant, StoreUnavailable
 from engram.history.functions import TENANT_COMMANDS, ensure_library
 from engram.history.store import HistoryStore
-from engram.policy import Policy
+from engram.policy import Policy, Retention
 from engram.redis_keys import KeySpace, validate_tenant
 from engram.tenancy import acl
 from engram.tenancy.apikeys import generate_api_key, generate_password, hash_secret
 from engram.tenancy.nodes import RedisNodes, node_name
-from engram.tenancy.records import CLI_OWNER, InvalidRecord, Retention, TenantRecord
+from engram.tenancy.records import CLI_OWNER, InvalidRecord, TenantRecord
 from engram.tenancy.registry import read_record, redis_call
 
 log = logging.getLogger(__name__)

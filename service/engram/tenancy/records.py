@@ -3,8 +3,8 @@
 Fields (all strings, as Redis stores them)::
 
     tenant                      acme
-    token_limit                 3000
-    session_ttl_seconds         604800      0 = sessions never expire
+    token_limit                 3000        the policy fields: defaults and bounds in engram.policy;
+    session_ttl_seconds         604800      a record outside them does not parse (InvalidRecord)
     max_messages_per_session    10000
     retention                   Delete | Retain   what happens to the data when the tenant is deleted
     api_key_sha256              hex SHA-256 of the tenant's API key
@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
 
-from engram.policy import Policy
+from engram.errors import InvalidPolicy
+from engram.policy import POLICY_FIELDS, RETENTION, Policy, Retention
 from engram.redis_keys import validate_tenant
 
-Retention = Literal["Delete", "Retain"]
-RETENTIONS: tuple[Retention, ...] = ("Delete", "Retain")
 CLI_OWNER = "cli"
 
 # Fields that say what the tenant is; created_at/updated_at only say when.
@@ -83,23 +81,23 @@ class TenantRecord:
         missing = [name for name in _CONTENT_FIELDS if not raw.get(name)]
         if missing:
             raise InvalidRecord(f"tenant record lacks {', '.join(missing)}")
-        retention: Retention
-        if raw["retention"] == "Delete":
-            retention = "Delete"
-        elif raw["retention"] == "Retain":
-            retention = "Retain"
-        else:
-            raise InvalidRecord(f"tenant record has retention {raw['retention']!r}, expected Delete or Retain")
+        values: dict[str, int] = {}
+        for policy_field in POLICY_FIELDS:
+            text = raw[policy_field.name]
+            try:
+                values[policy_field.name] = int(text)
+            except ValueError:
+                raise InvalidRecord(f"tenant record has {policy_field.name}: {policy_field.problem(text)}") from None
         try:
-            policy = Policy(
-                token_limit=int(raw["token_limit"]),
-                session_ttl_seconds=int(raw["session_ttl_seconds"]),
-                max_messages_per_session=int(raw["max_messages_per_session"]),
-            )
+            retention = RETENTION.parse(raw["retention"])
+            policy = Policy(**values)
+        except InvalidPolicy as error:
+            raise InvalidRecord(f"tenant record has {error}") from None
+        try:
             created_at = float(raw["created_at"]) if raw.get("created_at") else None
             updated_at = float(raw["updated_at"]) if raw.get("updated_at") else None
         except ValueError as error:
-            raise InvalidRecord(f"tenant record has a non-numeric field: {error}") from None
+            raise InvalidRecord(f"tenant record has a non-numeric timestamp: {error}") from None
         return cls(
             tenant=validate_tenant(raw["tenant"]),
             policy=policy,

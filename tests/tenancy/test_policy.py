@@ -1,0 +1,83 @@
+"""The memory policy's one definition (engram.policy): Policy checks its bounds, and a registry record in a
+real Redis whose policy is outside them does not parse, so its API key resolves to no tenant."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from engram.errors import InvalidInput, InvalidPolicy
+from engram.policy import POLICY_FIELDS, RETENTION, Policy, PolicyField
+from engram.tenancy.provision import list_tenants
+from engram.tenancy.records import InvalidRecord
+from engram.tenancy.registry import TenantRegistry, read_record
+from tests.tenancy.conftest import KEYS, MakeTenant
+
+OUT_OF_BOUNDS = [
+    pytest.param(field, value, id=f"{field.name}={value}")
+    for field in POLICY_FIELDS
+    for value in (field.minimum - 1, field.maximum + 1)
+]
+
+
+def test_policy_defaults_are_the_fields_defaults() -> None:
+    assert Policy() == Policy(**{f.name: f.default for f in POLICY_FIELDS})
+    assert [f.name for f in POLICY_FIELDS] == list(Policy.__dataclass_fields__)
+
+
+@pytest.mark.parametrize(("field", "value"), OUT_OF_BOUNDS)
+def test_policy_refuses_a_value_out_of_bounds_naming_field_range_and_value(field: PolicyField, value: int) -> None:
+    with pytest.raises(InvalidPolicy) as refused:
+        Policy(**{field.name: value})
+    assert str(refused.value) == f"{field.name}: expected an integer in [{field.minimum}, {field.maximum}], got {value}"
+    assert isinstance(refused.value, InvalidInput) and refused.value.code == "invalid_policy"
+
+
+@pytest.mark.parametrize("field", POLICY_FIELDS, ids=lambda f: f.name)
+def test_policy_takes_both_bounds_themselves(field: PolicyField) -> None:
+    for value in (field.minimum, field.maximum):
+        assert getattr(Policy(**{field.name: value}), field.name) == value
+
+
+@pytest.mark.parametrize("value", [True, "3000", 3000.0, None])
+def test_policy_refuses_what_is_not_an_integer(value: object) -> None:
+    with pytest.raises(InvalidPolicy, match="token_limit: expected an integer"):
+        Policy(token_limit=value)  # type: ignore[arg-type]
+
+
+def test_retention_takes_only_its_choices() -> None:
+    assert [RETENTION.parse(choice) for choice in RETENTION.choices] == ["Delete", "Retain"]
+    with pytest.raises(InvalidPolicy, match=r"retention: expected Delete or Retain, got 'delete'"):
+        RETENTION.parse("delete")
+
+
+@pytest.mark.parametrize(("field", "value"), OUT_OF_BOUNDS)
+async def test_a_stored_record_out_of_bounds_is_unreadable_and_its_key_resolves_to_no_tenant(
+    admin: aioredis.Redis, make_tenant: MakeTenant, field: PolicyField, value: int
+) -> None:
+    credentials = await make_tenant("acme")
+    registry = TenantRegistry(admin, KEYS, cache_seconds=0)
+    assert await registry.resolve_api_key(credentials.api_key) is not None
+    await admin.hset(KEYS.tenant_record("acme"), field.name, str(value))  # e.g. written by an older version
+    with pytest.raises(InvalidRecord, match=rf"{field.name}: expected an integer in \[{field.minimum}, "):
+        await read_record(admin, KEYS, "acme")
+    assert await registry.resolve_api_key(credentials.api_key) is None
+    assert await list_tenants(admin, KEYS) == []
+
+
+async def test_a_stored_record_with_a_non_integer_policy_field_names_the_field(
+    admin: aioredis.Redis, make_tenant: MakeTenant
+) -> None:
+    await make_tenant("acme")
+    await admin.hset(KEYS.tenant_record("acme"), "session_ttl_seconds", "1h")
+    with pytest.raises(InvalidRecord, match=r"session_ttl_seconds: expected an integer in \[0, 315360000\], got '1h'"):
+        await read_record(admin, KEYS, "acme")
+
+
+async def test_a_stored_record_with_an_unknown_retention_is_unreadable(
+    admin: aioredis.Redis, make_tenant: MakeTenant
+) -> None:
+    await make_tenant("acme")
+    await admin.hset(KEYS.tenant_record("acme"), "retention", "Forever")
+    with pytest.raises(InvalidRecord, match=r"retention: expected Delete or Retain, got 'Forever'"):
+        await read_record(admin, KEYS, "acme")
