@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import uuid
 
 import httpx
@@ -166,3 +168,32 @@ def test_metrics_label_routes_by_template_not_by_path(service: ServiceProcess) -
     assert metric(samples, "engram_history_load_duration_seconds_count") >= 1
     for name in ("engram_history_loads_total", "engram_turns_total", "engram_model_duration_seconds_bucket"):
         assert f"# TYPE {name.removesuffix('_bucket').removesuffix('_total')}" in text
+
+
+def test_each_step_of_a_turn_is_timed_once_and_a_retry_runs_only_the_load(service: ServiceProcess) -> None:
+    session = new_session("steps")
+
+    def steps() -> dict[str, float]:
+        samples = scrape(service.url)
+        return {
+            s: metric(samples, "engram_turn_step_duration_seconds_count", step=s) for s in ("load", "model", "commit")
+        }
+
+    before = steps()
+    assert chat(service.url, session, "hello", turn_id="t-1").status_code == 200
+    after_turn = steps()
+    assert {s: after_turn[s] - before[s] for s in before} == {"load": 1, "model": 1, "commit": 1}
+    assert chat(service.url, session, "hello", turn_id="t-1").status_code == 200  # answered from the store
+    after_retry = steps()
+    assert {s: after_retry[s] - after_turn[s] for s in before} == {"load": 1, "model": 0, "commit": 0}
+
+
+def test_the_service_imports_no_llama_index_code() -> None:
+    """A replica talks to models through engram.server.model: LlamaIndex's import time and memory are the
+    library users' choice, not a cost every replica pays at start-up."""
+    code = (
+        "import sys, engram.server.app, engram.server.cli, engram.server.model; "
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith('llama_index')}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "[]"

@@ -292,18 +292,17 @@ class HistoryStore:
         tenant: str,
         session_id: str,
         turn_id: str,
-        user_message: str,
-        assistant_message: str,
+        user_message: str | NewMessage,
+        assistant_message: str | NewMessage,
         policy: Policy | None = None,
     ) -> CommittedTurn:
-        """Append the user message and the reply as one adjacent, atomic pair (one round trip)."""
-        return await self.append(
-            tenant,
-            session_id,
-            [NewMessage("user", user_message), NewMessage("assistant", assistant_message)],
-            policy,
-            turn_id=turn_id,
-        )
+        """Append the user message and the reply as one adjacent, atomic pair (one round trip).
+        Messages given as :class:`NewMessage` keep the token count :meth:`prepare` gave them."""
+        user = user_message if isinstance(user_message, NewMessage) else NewMessage("user", user_message)
+        reply = assistant_message
+        if not isinstance(reply, NewMessage):
+            reply = NewMessage("assistant", reply)
+        return await self.append(tenant, session_id, [user, reply], policy, turn_id=turn_id)
 
     async def append(
         self,

@@ -73,7 +73,7 @@ class SessionMemory:
         return await self.store.load_window(self.tenant.name, session_id, token_limit, turn_id=turn_id)
 
     async def commit(self, session_id: str, turn_id: str, user: NewMessage, reply: NewMessage) -> CommittedTurn:
-        return await self.store.append(self.tenant.name, session_id, [user, reply], self.tenant.policy, turn_id=turn_id)
+        return await self.store.commit_turn(self.tenant.name, session_id, turn_id, user, reply, self.tenant.policy)
 
 
 class NullMemory:
