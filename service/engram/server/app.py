@@ -30,7 +30,7 @@ from engram.server.auth import Authenticator, KeyResolver
 from engram.server.config import check_llm_settings
 from engram.server.deps import Resources
 from engram.server.model import build_model
-from engram.server.routes import chat, ops, sessions, web
+from engram.server.routes import chat, openai, ops, sessions, web
 from engram.settings import Settings, get_settings
 
 log = logging.getLogger("engram.server")
@@ -190,6 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
     app.include_router(chat.router)
+    app.include_router(openai.router)
     app.include_router(sessions.router)
     app.include_router(ops.router)
     app.include_router(web.router)

@@ -1,4 +1,7 @@
-"""Dependencies of the routes, as ``Annotated`` aliases so route signatures read as plain types."""
+"""Dependencies of the routes, as ``Annotated`` aliases so route signatures read as plain types.
+
+All are ``async def`` although none awaits: FastAPI runs a plain ``def`` dependency in a worker thread,
+and those thread hops were a tenth of a turn's time on the event loop (py-spy, docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ class Resources:
     served_by: str
 
 
-def get_resources(request: Request) -> Resources:
+async def get_resources(request: Request) -> Resources:
     resources: Resources = request.app.state.resources
     return resources
 
@@ -36,11 +39,11 @@ def get_resources(request: Request) -> Resources:
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 
-def get_settings(resources: ResourcesDep) -> Settings:
+async def get_settings(resources: ResourcesDep) -> Settings:
     return resources.settings
 
 
-def get_store(resources: ResourcesDep) -> HistoryStore:
+async def get_store(resources: ResourcesDep) -> HistoryStore:
     return resources.store
 
 
@@ -56,7 +59,7 @@ StoreDep = Annotated[HistoryStore, Depends(get_store)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 
-def get_turn_context(resources: ResourcesDep, tenant: TenantDep) -> TurnContext:
+async def get_turn_context(resources: ResourcesDep, tenant: TenantDep) -> TurnContext:
     memory: TurnMemory = SessionMemory(resources.store, tenant) if resources.settings.memory == "on" else NullMemory()
     return TurnContext(
         store=resources.store, memory=memory, model=resources.model, tenant=tenant, served_by=resources.served_by

@@ -26,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engram.errors import (
@@ -65,6 +66,14 @@ class TurnIdReused(ServiceError):
     code = "turn_id_reused"
 
 
+class ModelNotFound(ServiceError):
+    """A model id this service does not serve (OpenAI's ``model_not_found``)."""
+
+    status = 404
+    code = "model_not_found"
+    param = "model"
+
+
 class ModelFailed(ServiceError):
     """The model raised, timed out or gave an answer that cannot be stored. Nothing was committed."""
 
@@ -92,7 +101,56 @@ def error_body(code: str, message: str, **extra: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+# --- OpenAI's error shape, on the OpenAI-compatible routes -----------------------------------------------
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+    turn_id: str | None = Field(None, description="with `outcome_unknown`: the Idempotency-Key to retry with")
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+def error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def openai_status(status: int) -> int:
+    """OpenAI answers a request it cannot take with 400 where Engram's own API says 422."""
+    return 400 if status == 422 else status
+
+
+def openai_error_body(status: int, code: str, message: str, param: str | None = None, **extra: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type(status), "param": param, "code": code, **extra}}
+
+
+def speaks_openai(path: str) -> bool:
+    """Requests to the OpenAI-compatible routes get OpenAI's error shape and statuses."""
+    return path.startswith(OPENAI_PATHS)
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    *,
+    path: str = "",
+    param: str | None = None,
+) -> JSONResponse:
+    if speaks_openai(path):
+        status = openai_status(status)
+        return JSONResponse(openai_error_body(status, code, message, param), status_code=status, headers=headers)
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
@@ -113,11 +171,17 @@ def _public_message(error: EngramError) -> str:
     return str(error) or error.code
 
 
-def error_content(error: EngramError) -> tuple[int, dict[str, Any], dict[str, str] | None]:
-    """Status, JSON body and headers of the answer to ``error``."""
+def error_content(error: EngramError, path: str = "") -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """Status, JSON body and headers of the answer to ``error`` (in OpenAI's shape on its routes)."""
     status = status_for(error)
     extra = {"turn_id": error.turn_id} if isinstance(error, OutcomeUnknown) else {}
     headers = {"Retry-After": "1"} if status == 503 else None
+    if speaks_openai(path):
+        if isinstance(error, MessageTooLarge):  # OpenAI's answer to a message the model cannot take
+            status = 400
+        status = openai_status(status)
+        param = getattr(error, "param", None)
+        return status, openai_error_body(status, error.code, _public_message(error), param, **extra), headers
     return status, error_body(error.code, _public_message(error), **extra), headers
 
 
@@ -168,6 +232,14 @@ _HTTP_CODES = {
 }
 
 
+def _first_param(error: RequestValidationError) -> str | None:
+    """The request field the first problem is in, as OpenAI names it (``messages.0.role``)."""
+    for item in error.errors()[:1]:
+        where = [str(p) for p in item.get("loc", ()) if p != "body"]
+        return ".".join(where) or None
+    return None
+
+
 def _validation_message(error: RequestValidationError) -> str:
     parts = []
     for item in error.errors()[:5]:
@@ -179,27 +251,29 @@ def _validation_message(error: RequestValidationError) -> str:
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every exception into the JSON error body."""
 
-    async def engram_error(_: Request, error: Exception) -> JSONResponse:
+    async def engram_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, EngramError)
-        status, body, headers = error_content(error)
+        status, body, headers = error_content(error, request.url.path)
         if status >= 500:
             log.warning("answering %d %s: %s", status, error.code, error)
         return JSONResponse(body, status_code=status, headers=headers)
 
-    async def validation_error(_: Request, error: Exception) -> JSONResponse:
+    async def validation_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
-        return error_response(422, "invalid_request", _validation_message(error))
+        path = request.url.path
+        return error_response(422, "invalid_request", _validation_message(error), path=path, param=_first_param(error))
 
-    async def http_error(_: Request, error: Exception) -> JSONResponse:
+    async def http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
+        path = request.url.path
         if error.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): the contract's 422
-            return error_response(422, "invalid_request", f"invalid request: {error.detail}")
+            return error_response(422, "invalid_request", f"invalid request: {error.detail}", path=path)
         code = _HTTP_CODES.get(error.status_code, "http_error")
-        return error_response(error.status_code, code, str(error.detail), dict(error.headers or {}))
+        return error_response(error.status_code, code, str(error.detail), dict(error.headers or {}), path=path)
 
-    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error", exc_info=error)
-        return error_response(500, "internal_error", "internal error; see the service log")
+        return error_response(500, "internal_error", "internal error; see the service log", path=request.url.path)
 
     app.add_exception_handler(EngramError, engram_error)
     app.add_exception_handler(RequestValidationError, validation_error)

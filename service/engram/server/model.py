@@ -26,16 +26,38 @@ _OPENAI_ROLES = {"system": "system", "developer": "developer", "user": "user", "
 _ANSWER_ALIASES = frozenset({"chatbot", "model"})
 
 
+class Message(Protocol):
+    """What a model reads of a message: stored messages are given to it as they are, not copied."""
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PromptMessage:
+    """A message of the prompt that is not stored (the new message, a request's instructions)."""
+
     role: str
     content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelOptions:
+    """Sampling settings a client may set per request (None: the model server's default)."""
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+NO_OPTIONS = ModelOptions()
 
 
 class ChatModel(Protocol):
     name: str
 
-    def stream(self, messages: Sequence[PromptMessage]) -> AsyncGenerator[str, None]:
+    def stream(self, messages: Sequence[Message], options: ModelOptions = NO_OPTIONS) -> AsyncGenerator[str, None]:
         """The reply to ``messages``, piece by piece (pieces may be empty)."""
         ...
 
@@ -52,7 +74,9 @@ class EchoModel:
     def __init__(self, max_reply_bytes: int = 32 * 1024) -> None:
         self.max_reply_bytes = max_reply_bytes
 
-    async def stream(self, messages: Sequence[PromptMessage]) -> AsyncGenerator[str, None]:
+    async def stream(
+        self, messages: Sequence[Message], options: ModelOptions = NO_OPTIONS
+    ) -> AsyncGenerator[str, None]:
         for piece in echo_pieces(echo_reply(messages, self.max_reply_bytes)):
             yield piece
 
@@ -60,7 +84,7 @@ class EchoModel:
         return None
 
 
-def openai_message(message: PromptMessage) -> dict[str, str]:
+def openai_message(message: Message) -> dict[str, str]:
     role = _OPENAI_ROLES.get(message.role)
     if role is not None:
         return {"role": role, "content": message.content}
@@ -79,9 +103,18 @@ class OpenAICompatibleModel:
         # One retry, as the SDK's default of two would hold a turn (and its client) for three timeouts.
         self._client = AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=1)
 
-    async def stream(self, messages: Sequence[PromptMessage]) -> AsyncGenerator[str, None]:
+    async def stream(
+        self, messages: Sequence[Message], options: ModelOptions = NO_OPTIONS
+    ) -> AsyncGenerator[str, None]:
         payload: Any = [openai_message(m) for m in messages]
-        response = await self._client.chat.completions.create(model=self.name, messages=payload, stream=True)
+        sampling: dict[str, Any] = {}
+        if options.temperature is not None:
+            sampling["temperature"] = options.temperature
+        if options.max_tokens is not None:
+            sampling["max_tokens"] = options.max_tokens  # the name every OpenAI-compatible server knows
+        response = await self._client.chat.completions.create(
+            model=self.name, messages=payload, stream=True, **sampling
+        )
         try:
             async for chunk in response:
                 if chunk.choices and chunk.choices[0].delta.content:

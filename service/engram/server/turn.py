@@ -39,7 +39,7 @@ from engram.policy import Tenant
 from engram.redis_keys import validate_session_id
 from engram.server import metrics
 from engram.server.errors import ModelFailed, TurnIdReused, redact, summarize_model_error
-from engram.server.model import ChatModel, PromptMessage
+from engram.server.model import NO_OPTIONS, ChatModel, Message, ModelOptions, PromptMessage
 
 log = logging.getLogger("engram.server")
 
@@ -47,11 +47,15 @@ log = logging.getLogger("engram.server")
 # --- what a turn is given ---------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class TurnRequest:
-    """One new user message for a session; ``turn_id`` makes retries safe (generated when absent)."""
+    """One new user message for a session; ``turn_id`` makes retries safe (generated when absent).
+    ``prefix`` goes before the history in the prompt and is never stored (a request's system messages,
+    or the whole conversation of a client that keeps its own); ``options`` are passed to the model."""
 
     session_id: str
     message: str
     turn_id: str | None = None
+    prefix: tuple[PromptMessage, ...] = ()
+    options: ModelOptions = NO_OPTIONS
 
 
 class TurnMemory(Protocol):
@@ -106,6 +110,8 @@ class TurnResult:
     served_by: str
     cache: HistoryOutcome
     messages: int  # earlier messages of the session the model was given the window of
+    prompt_tokens: int  # what the model was given, counted as Engram stores tokens (cl100k_base)
+    reply_tokens: int
 
 
 # --- the steps --------------------------------------------------------------------------------------
@@ -114,6 +120,9 @@ class ValidTurn:
     session_id: str
     turn_id: str
     user: NewMessage  # validated, tokens counted
+    prefix: tuple[PromptMessage, ...]
+    prefix_tokens: int
+    options: ModelOptions
 
 
 def validate(ctx: TurnContext, request: TurnRequest) -> ValidTurn:
@@ -125,7 +134,11 @@ def validate(ctx: TurnContext, request: TurnRequest) -> ValidTurn:
     token_limit = ctx.tenant.policy.token_limit
     if (user.tokens or 0) > token_limit:
         raise MessageTooLarge(f"message of {user.tokens} tokens is over the token limit of {token_limit}")
-    return ValidTurn(session_id, turn_id, user)
+    prefix = request.prefix
+    for message in prefix:
+        ctx.store.validate(NewMessage(message.role, message.content))
+    prefix_tokens = sum(ctx.store.count_tokens(m.content) for m in prefix)
+    return ValidTurn(session_id, turn_id, user, prefix, prefix_tokens, request.options)
 
 
 async def load(ctx: TurnContext, turn: ValidTurn) -> Window:
@@ -139,17 +152,28 @@ async def load(ctx: TurnContext, turn: ValidTurn) -> Window:
     return window
 
 
-def prompt(ctx: TurnContext, window: Window, turn: ValidTurn) -> list[PromptMessage]:
-    """What the model is given: the newest history that fits beside the new message, then the message."""
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    messages: list[Message]
+    tokens: int
+
+
+def prompt(ctx: TurnContext, window: Window, turn: ValidTurn) -> Prompt:
+    """What the model is given: the request's prefix, the newest history that fits beside the new
+    message (the prefix is the client's own choice: it does not shrink the history), the message."""
     budget = ctx.tenant.policy.token_limit - (turn.user.tokens or 0)
-    history = drop_unanswerable_start(fit_budget(window.messages, budget))
-    return [PromptMessage(m.role, m.content) for m in history] + [PromptMessage("user", turn.user.content)]
+    history, history_tokens = window.messages, window.tokens
+    if history_tokens > budget:  # the window fits the limit; with the new message it may not (O(window) only then)
+        history = drop_unanswerable_start(fit_budget(history, budget))
+        history_tokens = sum(m.tokens for m in history)
+    messages: list[Message] = [*turn.prefix, *history, PromptMessage("user", turn.user.content)]
+    return Prompt(messages, turn.prefix_tokens + history_tokens + (turn.user.tokens or 0))
 
 
-async def start_model(ctx: TurnContext, messages: list[PromptMessage], turn: ValidTurn) -> ModelStream:
+async def start_model(ctx: TurnContext, prompt: Prompt, turn: ValidTurn) -> ModelStream:
     """Ask the model and wait for its first piece, so a model that fails before any output is still an
     ordinary error response (502), not an error in the middle of a stream."""
-    stream = ModelStream(ctx.model.stream(messages), turn.turn_id)
+    stream = ModelStream(ctx.model.stream(prompt.messages, turn.options), turn.turn_id)
     await stream.first()
     return stream
 
@@ -237,9 +261,16 @@ class Turn:
     :meth:`collect`; :meth:`aclose` ends it however it ends, and counts its outcome once."""
 
     def __init__(
-        self, ctx: TurnContext, turn: ValidTurn, window: Window, started: float, model: ModelStream | None
+        self,
+        ctx: TurnContext,
+        turn: ValidTurn,
+        window: Window,
+        started: float,
+        model: ModelStream | None,
+        prompt_tokens: int,
     ) -> None:
         self.ctx, self.turn, self.window, self.started, self.model = ctx, turn, window, started, model
+        self.prompt_tokens = prompt_tokens
         self.result: TurnResult | None = None
         self.outcome = "abandoned"  # until deltas() ends: the client went away
         self._closed = False
@@ -249,7 +280,7 @@ class Turn:
         try:
             if self.model is None:  # a retry of a committed turn: its stored reply, the model not called
                 assert self.window.replay is not None
-                self.result, self.outcome = self._result(self.window.replay.reply), "replayed"
+                self.result, self.outcome = self._result(self.window.replay), "replayed"
                 yield self.result.reply
                 return
             parts: list[str] = []
@@ -258,7 +289,7 @@ class Turn:
                 yield piece
             committed = await commit(self.ctx, self.turn, "".join(parts).strip())
             self.outcome = "duplicate" if committed.duplicate else "ok"
-            self.result = self._result(committed.reply)
+            self.result = self._result(committed)
         except EngramError as error:
             self.outcome = failure_outcome(error)
             raise
@@ -282,14 +313,25 @@ class Turn:
             await self.model.aclose()
         metrics.observe_turn(self.outcome, time.perf_counter() - self.started)
 
-    def _result(self, reply: str) -> TurnResult:
+    def _result(self, stored: CommittedTurn) -> TurnResult:
+        reply = stored.reply
+        reply_tokens = sum(m.tokens for m in stored.messages if m.role == "assistant")
         window = self.window
         messages = len(window.messages)
         if window.replay is not None and window.replay.messages:
             # a retry: count what preceded the stored turn, as the first answer did (the window now holds it too)
             first = stream_id_key(window.replay.messages[0].id)
             messages = sum(1 for m in window.messages if stream_id_key(m.id) < first)
-        return TurnResult(self.turn.session_id, self.turn.turn_id, reply, self.ctx.served_by, window.outcome, messages)
+        return TurnResult(
+            self.turn.session_id,
+            self.turn.turn_id,
+            reply,
+            self.ctx.served_by,
+            window.outcome,
+            messages,
+            self.prompt_tokens,
+            reply_tokens,
+        )
 
 
 def failure_outcome(error: Exception) -> str:
@@ -308,13 +350,15 @@ async def start_turn(ctx: TurnContext, request: TurnRequest) -> Turn:
     try:
         turn = validate(ctx, request)
         window = await load(ctx, turn)
-        if window.replay is not None:
-            return Turn(ctx, turn, window, started, model=None)
-        model = await start_model(ctx, prompt(ctx, window, turn), turn)
+        if window.replay is not None:  # the stored turn's own user message stands for the prompt it had
+            tokens = sum(m.tokens for m in window.replay.messages if m.role != "assistant")
+            return Turn(ctx, turn, window, started, None, tokens)
+        given = prompt(ctx, window, turn)
+        model = await start_model(ctx, given, turn)
     except Exception as error:
         metrics.observe_turn(failure_outcome(error), time.perf_counter() - started)
         raise
-    return Turn(ctx, turn, window, started, model)
+    return Turn(ctx, turn, window, started, model, given.tokens)
 
 
 async def chat_turn(ctx: TurnContext, request: TurnRequest) -> TurnResult:

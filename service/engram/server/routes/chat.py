@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from engram.errors import EngramError
 from engram.server.deps import TurnContextDep
 from engram.server.errors import error_content
 from engram.server.schemas import ERROR_RESPONSES, ChatReply, ChatRequest, ErrorBody
+from engram.server.streaming import TurnStreamingResponse
 from engram.server.turn import Turn, TurnRequest, start_turn
 
 router = APIRouter(tags=["chat"])
@@ -46,27 +45,6 @@ async def _event_stream(turn: Turn) -> AsyncIterator[bytes]:
     yield sse("done", ChatReply.of(turn.result).model_dump())
 
 
-class TurnStreamingResponse(StreamingResponse):
-    """Streams a turn's events and always ends the turn when the response ends, however it ends.
-    Starlette stops iterating when the client leaves but leaves the body suspended until garbage
-    collection, or (ASGI < 2.4) cancels it before it starts; the turn's model stream would then run,
-    and be billed, to the end."""
-
-    def __init__(self, turn: Turn) -> None:
-        super().__init__(
-            _event_stream(turn),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self.turn = turn
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.turn.aclose()
-
-
 @router.post("/v1/chat", response_model=ChatReply, responses=CHAT_RESPONSES)
 async def post_chat(body: ChatRequest, ctx: TurnContextDep) -> Any:
     """Send a message; the reply is generated with the session's history loaded from Redis.
@@ -75,5 +53,5 @@ async def post_chat(body: ChatRequest, ctx: TurnContextDep) -> Any:
     carries `X-Served-By` (host:pid), set for all routes by the app's outer layer."""
     turn = await start_turn(ctx, TurnRequest(body.session_id, body.message, body.turn_id))
     if body.stream:
-        return TurnStreamingResponse(turn)
+        return TurnStreamingResponse(turn, _event_stream(turn))
     return ChatReply.of(await turn.collect())
