@@ -35,6 +35,7 @@ class FakeModel:
         self.streams_finished = 0
         self.arrived = threading.Event()
         self.last_headers = ""
+        self.last_request: dict[str, Any] = {}  # the JSON body of the newest request
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -124,6 +125,7 @@ class FakeModel:
                 length = int(value.strip())
         body = await reader.readexactly(length) if length else b"{}"
         parsed: dict[str, Any] = json.loads(body or b"{}")
+        self.last_request = parsed
         return parsed
 
     async def _stream(self, writer: asyncio.StreamWriter, request: dict[str, Any]) -> None:

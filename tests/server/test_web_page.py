@@ -60,3 +60,24 @@ def test_page_chats_shows_replica_and_cache_per_turn_and_keeps_the_session(servi
     page.evaluate("document.getElementById('new-session').click()")
     page.wait_for(f"document.getElementById('session-id').textContent !== {json.dumps(session_id)}")
     page.wait_for("document.querySelectorAll('#messages .msg').length === 0")
+
+
+def test_page_sends_through_the_openai_api_when_chosen_and_says_which_api_served_each_turn(
+    service: ServiceProcess, page: Page
+) -> None:
+    page.navigate(service.url + "/")
+    page.wait_for("document.getElementById('session-id').textContent.startsWith('web-')")
+    page.evaluate("document.getElementById('new-session').click()")
+    send(page, "my cat is called Miso", 0)  # through /v1/chat (the default)
+    page.evaluate(
+        "const api = document.getElementById('api'); api.value = 'openai'; api.dispatchEvent(new Event('change'))"
+    )
+    send(page, "what is my cat called?", 1)  # through /v1/chat/completions, same session, same memory
+    apis = page.evaluate("Array.from(document.querySelectorAll('#messages .meta')).map(m => m.dataset.api)")
+    assert apis == ["/v1/chat", "/v1/chat/completions"]
+    second = replies(page)[1]
+    assert '"my cat is called Miso"' in second["text"] and second["messages"] == "2"
+    assert re.fullmatch(r".+:\d+", second["served_by"]) and second["cache"] in {"hit", "delta", "miss"}
+    page.navigate(service.url + "/")  # the choice is kept across a reload
+    assert page.wait_for("document.getElementById('api').value") == "openai"
+    page.evaluate("localStorage.removeItem('engram.api')")

@@ -15,6 +15,10 @@ The mapping, in one place::
     ModelFailed (the model raised, timed out or answered something unstorable)       502
     any other exception                                                              500 internal_error,
                                                                                      logged, no details sent
+
+On the OpenAI-compatible routes (``OPENAI_PATHS``) the same errors take OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, and its statuses (400 where the table says 422 or 413
+for a message).
 """
 
 from __future__ import annotations

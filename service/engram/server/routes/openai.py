@@ -117,7 +117,11 @@ async def chat_completions(
         ctx = dataclasses.replace(ctx, memory=NullMemory())
     turn = await start_turn(ctx, request)
     created = now()
-    headers = {"X-Engram-Turn-Id": turn.turn.turn_id, "X-Engram-Cache": turn.window.outcome}
+    headers = {
+        "X-Engram-Turn-Id": turn.turn.turn_id,
+        "X-Engram-Cache": turn.window.outcome,
+        "X-Engram-History-Messages": str(len(turn.window.messages)),
+    }
     if session_id is not None:
         headers["X-Engram-Session"] = session_id
     if body.stream:

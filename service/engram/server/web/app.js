@@ -37,7 +37,8 @@ function addMessage(role, text, meta) {
     line.dataset.servedBy = meta.served_by;
     line.dataset.cache = meta.cache;
     line.dataset.messages = String(meta.messages);
-    line.append("served by " + meta.served_by + " · history ");
+    line.dataset.api = meta.api;
+    line.append("via " + meta.api + " · served by " + meta.served_by + " · history ");
     const badge = document.createElement("span");
     badge.className = "badge " + meta.cache;
     badge.textContent = meta.cache;
@@ -52,7 +53,7 @@ function addMessage(role, text, meta) {
 async function errorText(response) {
   try {
     const body = await response.json();
-    return body.error.code + ": " + body.error.message;
+    return body.error.code + ": " + body.error.message;  // both APIs' error bodies have code and message
   } catch {
     return "HTTP " + response.status;
   }
@@ -78,13 +79,40 @@ async function loadHistory() {
   $("status").textContent = $("messages").children.length ? "conversation restored from Redis" : "";
 }
 
+// The two APIs a turn can go through; both read and commit the same session's memory.
+const APIS = {
+  engram: {
+    path: "/v1/chat",
+    body: (text, turnId) => ({ session_id: sessionId(), message: text, turn_id: turnId }),
+    headers: () => ({}),
+    reply: (data) => ({
+      text: data.reply, served_by: data.served_by, cache: data.history.cache, messages: data.history.messages,
+    }),
+  },
+  openai: {
+    path: "/v1/chat/completions",
+    // The session's memory is put in front of this one message by the service: the page sends no history.
+    body: (text) => ({ model: servedModel, messages: [{ role: "user", content: text }] }),
+    headers: (turnId) => ({ "X-Engram-Session": sessionId(), "Idempotency-Key": turnId }),
+    reply: (data, response) => ({
+      text: data.choices[0].message.content,
+      served_by: response.headers.get("X-Served-By"),
+      cache: response.headers.get("X-Engram-Cache"),
+      messages: response.headers.get("X-Engram-History-Messages"),
+    }),
+  },
+};
+let servedModel = "echo";
+
 async function send(text) {
-  const body = { session_id: sessionId(), message: text, turn_id: newId("t-") };
-  // A retry of the same turn_id is safe: the service answers it once and stores it once.
+  const api = APIS[$("api").value] || APIS.engram;
+  const turnId = newId("t-");
+  const init = { method: "POST", headers: { ...headers(), ...api.headers(turnId) }, body: JSON.stringify(api.body(text, turnId)) };
+  // A retry of the same turn id is safe: the service answers it once and stores it once.
   for (let attempt = 1; ; attempt++) {
     try {
-      const response = await fetch("/v1/chat", { method: "POST", headers: headers(), body: JSON.stringify(body) });
-      if (response.ok) return { ok: true, data: await response.json() };
+      const response = await fetch(api.path, init);
+      if (response.ok) return { ok: true, data: { ...api.reply(await response.json(), response), api: api.path } };
       if (response.status !== 503 || attempt >= 3) return { ok: false, text: await errorText(response), status: response.status };
     } catch (error) {
       if (attempt >= 3) return { ok: false, text: String(error) };
@@ -104,7 +132,7 @@ $("composer").addEventListener("submit", async (event) => {
   const result = await send(text);
   if (result.ok) {
     const d = result.data;
-    addMessage("assistant", d.reply, { served_by: d.served_by, cache: d.history.cache, messages: d.history.messages });
+    addMessage("assistant", d.text, d);
     $("status").textContent = "";
   } else {
     addMessage("error", result.text);
@@ -144,5 +172,23 @@ $("api-key").addEventListener("change", () => {
   loadHistory();
 });
 
+// The API choice is kept like the session; the OpenAI-compatible API needs the served model's id.
+const API_CHOICE = "engram.api";
+async function loadModel() {
+  if ($("api").value !== "openai") return;
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (response.ok) servedModel = (await response.json()).data[0].id;
+  } catch {
+    // keep the default: a failed turn then says what is wrong
+  }
+}
+$("api").value = localStorage.getItem(API_CHOICE) || "engram";
+$("api").addEventListener("change", () => {
+  localStorage.setItem(API_CHOICE, $("api").value);
+  loadModel();
+});
+
 $("session-id").textContent = sessionId();
+loadModel();
 loadHistory();
