@@ -149,6 +149,12 @@ def flatness_rows(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# Issue 15's targets for the service (the hot path, start-up and footprint of one replica).
+E2E_RATIO_TARGET = 0.95
+READY_TARGET_S = 2.0
+RSS_TARGET_MIB = 150
+
+
 def targets_section(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> list[str]:
     table = by_key(rows)
     lines = ["## Targets", "", "| target | where we stand | met |", "|---|---|---|", *flatness_rows(rows)]
@@ -169,7 +175,22 @@ def targets_section(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> l
     if e2e and e2e.get("throughput_ratio") is not None:
         x = e2e["throughput_ratio"]
         lines.append(
-            f"| end to end ≥ 0.8× the stateless baseline's throughput | {x:.2f}× | {'yes' if x >= 0.8 else 'no'} |"
+            f"| end to end ≥ {E2E_RATIO_TARGET}× the stateless baseline's throughput | {x:.2f}× | "
+            f"{'yes' if x >= E2E_RATIO_TARGET else 'no'} |"
+        )
+    footprint = (e2e or {}).get("footprint") or {}
+    if footprint.get("ready_s") is not None:
+        ready = footprint["ready_s"]
+        lines.append(
+            f"| a replica ready ≤ {READY_TARGET_S:.1f} s after start | {ready:.2f} s | "
+            f"{'yes' if ready <= READY_TARGET_S else 'no'} |"
+        )
+    engram_rss = list(((footprint.get("rss_mib") or {}).get("engram") or {}).values())
+    if engram_rss:
+        worst = max(engram_rss)
+        lines.append(
+            f"| RSS per worker ≤ {RSS_TARGET_MIB} MiB | {worst:.0f} MiB (largest of {len(engram_rss)}) | "
+            f"{'yes' if worst <= RSS_TARGET_MIB else 'no'} |"
         )
     sizes = sorted({r["size"] for r in rows})
     full = first_full_window(rows)

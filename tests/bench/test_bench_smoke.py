@@ -74,7 +74,8 @@ def check_burst(result: dict[str, Any]) -> None:
 def check_report(markdown: str) -> None:
     assert "## Targets" in markdown and "| target | where we stand | met |" in markdown
     assert "| 2 Redis round trips per turn | 2.0–2.0 | yes |" in markdown
-    assert "end to end ≥ 0.8× the stateless baseline's throughput" in markdown
+    assert "end to end ≥ 0.95× the stateless baseline's throughput" in markdown
+    assert "| a replica ready ≤ 2.0 s after start |" in markdown and "| RSS per worker ≤ 150 MiB |" in markdown
     assert "`engram-cold` at 100 ≤ 1.5× its cost at 10" in markdown
     assert "the window is full" in markdown  # why cold cost grows from 10 to 100 and not after
     for name in ALL_CONTENDERS:
