@@ -118,12 +118,16 @@ async def redis_work(turn: Turn, port: int, first_n: int, turns: int = 3) -> tup
         done = threading.Event()
 
         def collect() -> None:
-            for event in monitor.listen():
-                if event["command"].startswith("ECHO engram-bench-end"):
-                    break
-                if event.get("client_type") != "lua":
-                    commands.append(event["command"].split()[0].upper())
-            done.set()
+            while True:  # a slow contender's turn can outlast a socket read timeout: keep listening
+                try:
+                    for event in monitor.listen():
+                        if event["command"].startswith("ECHO engram-bench-end"):
+                            done.set()
+                            return
+                        if event.get("client_type") != "lua":
+                            commands.append(event["command"].split()[0].upper())
+                except redis.TimeoutError:
+                    continue
 
         reader = threading.Thread(target=collect, daemon=True)
         reader.start()
