@@ -70,6 +70,8 @@ export CGO_ENABLED=0 GOTOOLCHAIN=local GOWORK=off
 rm -rf "$CACHE_ROOT"/.tmp-"$KEY".* 2>/dev/null || true
 WORK="$(mktemp -d "$CACHE_ROOT/.tmp-$KEY.XXXXXX")"
 trap 'cp "$WORK/go.log" "$CACHE_ROOT/last-build.log" 2>/dev/null; rm -rf "$WORK"' EXIT
+# bash skips the EXIT trap when a signal kills it; turning the signals into an exit runs it.
+trap 'exit 130' INT TERM HUP
 mkdir -p "$WORK/bin"
 
 gorun() { nice -n 19 "$GO" "$@"; }
