@@ -1,129 +1,21 @@
-"""The local control plane of scripts/control-plane.sh does what the Kubernetes tests will rely on.
+"""The local control plane of scripts/control-plane.sh does what the Kubernetes tests rely on.
 
 Real programs built from Go modules by scripts/build-control-plane.sh: etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler, kubectl, and kwok faking three nodes (pods become Running and Ready
-without containers). Skipped, with the reason, when those binaries are not built.
+without containers). The control plane is the session's one fixture (tests/kube_real/conftest.py).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ROOT / "scripts"
-CHART = ROOT / "deploy" / "helm" / "engram"
-CRD_FILE = CHART / "crds" / "memorynamespaces.engram.dev.yaml"
-K8S_VERSION = os.environ.get("ENGRAM_K8S_VERSION", "v1.36.3")
+from tests.kube_real.conftest import CRD_FILE, K8S_VERSION, ControlPlane, wait_until
 
-
-@cache
-def control_plane_bin() -> Path | None:
-    """The cached binaries' directory, or None when they are not built (no build is started from here)."""
-    result = subprocess.run(
-        [str(SCRIPTS / "build-control-plane.sh"), "--print"], capture_output=True, text=True, check=False, timeout=30
-    )
-    return Path(result.stdout.strip()) if result.returncode == 0 else None
-
-
-pytestmark = [
-    pytest.mark.kube_real,
-    pytest.mark.skipif(
-        control_plane_bin() is None,
-        reason="control-plane binaries not built: run scripts/build-control-plane.sh (Go, ~30 min cold)",
-    ),
-]
-
-
-@dataclass(frozen=True)
-class ControlPlane:
-    dir: Path
-    bin: Path
-    pids: dict[str, int]
-
-    @property
-    def kubeconfig(self) -> Path:
-        return self.dir / "kubeconfig"
-
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(self.bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-            input=input,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-        return result
-
-    def get(self, *args: str) -> Any:
-        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purpose; /proc says so.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def control_plane_script(command: str, directory: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SCRIPTS / "control-plane.sh"), command, str(directory)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=180,
-    )
-
-
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    directory = tmp_path_factory.mktemp("control-plane")
-    started = time.monotonic()
-    result = control_plane_script("start", directory)
-    if result.returncode != 0:
-        control_plane_script("stop", directory)
-        raise AssertionError(f"control-plane.sh start failed:\n{result.stderr}")
-    print(f"control plane started in {time.monotonic() - started:.1f} s")
-    pids = {p.stem: int(p.read_text()) for p in (directory / "run").glob("*.pid")}
-    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
-    bin_dir = control_plane_bin()
-    assert bin_dir is not None
-    yield ControlPlane(directory, bin_dir, pids)
-    stopped = control_plane_script("stop", directory)
-    assert stopped.returncode == 0, stopped.stderr
-    left = {name: pid for name, pid in pids.items() if alive(pid)}
-    assert not left, f"still running after control-plane.sh stop: {left}"
-    assert not list((directory / "run").glob("*.pid"))
-
-
-def wait_until(what: str, condition: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
+pytestmark = pytest.mark.kube_real
 
 
 def test_the_api_server_reports_its_real_version(plane: ControlPlane) -> None:
@@ -175,7 +67,7 @@ def test_a_serviceaccount_token_from_the_tokenrequest_api_carries_exactly_its_rb
     assert plane.kubectl("auth", "can-i", "list", "configmaps", "-A", who, check=False).stdout.strip() == "no"
 
     # The token itself authenticates as the ServiceAccount against the API server (not only impersonation).
-    as_sa = ["--kubeconfig=/dev/null", f"--server={server_url(plane)}", f"--token={token}"]
+    as_sa = ["--kubeconfig=/dev/null", f"--server={plane.api_url}", f"--token={token}"]
     as_sa.append(f"--certificate-authority={plane.dir / 'pki' / 'ca.crt'}")
     ok = subprocess.run(
         [str(plane.bin / "kubectl"), *as_sa, "get", "configmaps", "-n", ns], capture_output=True, text=True, timeout=60
@@ -185,11 +77,6 @@ def test_a_serviceaccount_token_from_the_tokenrequest_api_carries_exactly_its_rb
         [str(plane.bin / "kubectl"), *as_sa, "get", "secrets", "-n", ns], capture_output=True, text=True, timeout=60
     )
     assert forbidden.returncode != 0 and "forbidden" in forbidden.stderr.lower()
-
-
-def server_url(plane: ControlPlane) -> str:
-    env = dict(line.split("=", 1) for line in (plane.dir / "env").read_text().splitlines())
-    return env["API_URL"]
 
 
 def test_the_garbage_collector_deletes_dependents(plane: ControlPlane) -> None:
@@ -256,51 +143,3 @@ def test_the_charts_crd_is_established_and_validates(plane: ControlPlane) -> Non
     refused = plane.kubectl("create", "-f", "-", input=json.dumps(bad), check=False)
     assert refused.returncode != 0
     assert 'spec.retentionPolicy: Unsupported value: "Sometimes"' in refused.stderr, refused.stderr
-
-
-def helm_binary() -> str | None:
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
-    local = ROOT / ".tools" / "bin" / "helm"
-    return str(local) if local.exists() else None
-
-
-def test_helm_install_of_the_chart_with_defaults_waits_until_ready(plane: ControlPlane) -> None:
-    helm = helm_binary()
-    if helm is None:
-        pytest.skip("no helm: run scripts/ensure-helm.sh (or set HELM)")
-    env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig)}
-    install = subprocess.run(
-        [helm, "install", "engram", str(CHART), "-n", "engram", "--create-namespace", "--wait", "--timeout=3m"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
-    )
-    assert install.returncode == 0, f"{install.stdout}\n{install.stderr}"
-    deployments = plane.get("deployments", "-n", "engram")["items"]
-    assert sorted(d["metadata"]["name"] for d in deployments) == ["engram-chat", "engram-operator"]
-    for deployment in deployments:
-        status = deployment["status"]
-        assert status.get("readyReplicas") == deployment["spec"]["replicas"], deployment["metadata"]["name"]
-    [redis] = plane.get("statefulsets", "-n", "engram")["items"]
-    assert redis["metadata"]["name"] == "engram-redis"
-    assert redis["status"].get("readyReplicas") == redis["spec"]["replicas"]
-    claims = plane.get("pvc", "-n", "engram")["items"]
-    assert len(claims) == redis["spec"]["replicas"] and all(c["status"]["phase"] == "Bound" for c in claims)
-
-    uninstall = subprocess.run(
-        [helm, "uninstall", "engram", "-n", "engram", "--wait", "--timeout=2m"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-    )
-    assert uninstall.returncode == 0, f"{uninstall.stdout}\n{uninstall.stderr}"
-    release = "app.kubernetes.io/instance=engram"
-    kinds = "deployments,statefulsets,services,serviceaccounts,configmaps,secrets,poddisruptionbudgets,roles"
-    left = plane.kubectl("get", kinds, "-n", "engram", "-l", release, "-o", "name").stdout.split()
-    assert not left
-    assert not plane.kubectl("get", "clusterroles,clusterrolebindings", "-l", release, "-o", "name").stdout.split()
-    wait_until("the release's pods to go", lambda: not plane.get("pods", "-n", "engram")["items"])
-    # The StatefulSet's claims stay after uninstall (Kubernetes keeps them unless a retention policy says otherwise).
