@@ -117,7 +117,7 @@ class ControlPlane:
         result = run([str(self.bin / "kubectl"), f"--kubeconfig={config}", *args], input=input, timeout=120)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-        return result  # type: ignore[no-any-return]
+        return result
 
     def get(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
@@ -134,7 +134,7 @@ class ControlPlane:
             raise AssertionError(
                 f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
             )
-        return result  # type: ignore[no-any-return]
+        return result
 
     def service_account_kubeconfig(self, namespace: str, name: str, path: Path) -> Path:
         """A kubeconfig holding a token of ServiceAccount namespace/name from the TokenRequest API (what a
@@ -170,7 +170,7 @@ def alive(pid: int) -> bool:
 
 def control_plane_script(command: str, directory: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ENGRAM_CONTROL_PLANE_PVS": str(PERSISTENT_VOLUMES)}
-    return run([str(SCRIPTS / "control-plane.sh"), command, str(directory)], env=env)  # type: ignore[no-any-return]
+    return run([str(SCRIPTS / "control-plane.sh"), command, str(directory)], env=env)
 
 
 @pytest.fixture(scope="session")

@@ -50,11 +50,11 @@ def create(plane: ControlPlane, name: str, **spec: Any) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": spec,
     }
-    return json.loads(plane.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(body)).stdout)  # type: ignore[no-any-return]
+    return json.loads(plane.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(body)).stdout)
 
 
 def get(plane: ControlPlane, name: str) -> dict[str, Any]:
-    return plane.get("memorynamespace", name, "-n", NAMESPACE)  # type: ignore[no-any-return]
+    return plane.get("memorynamespace", name, "-n", NAMESPACE)
 
 
 def wait_ready(plane: ControlPlane, name: str, generation: int = 1) -> dict[str, Any]:
@@ -63,11 +63,11 @@ def wait_ready(plane: ControlPlane, name: str, generation: int = 1) -> dict[str,
         status = body.get("status") or {}
         return body if status.get("phase") == "Ready" and status.get("observedGeneration") == generation else None
 
-    return wait_until(f"MemoryNamespace {name} Ready at generation {generation}", ready, timeout=60)  # type: ignore[no-any-return]
+    return wait_until(f"MemoryNamespace {name} Ready at generation {generation}", ready, timeout=60)
 
 
 def secret(plane: ControlPlane, name: str) -> dict[str, Any]:
-    return plane.get("secret", f"{name}-engram", "-n", NAMESPACE)  # type: ignore[no-any-return]
+    return plane.get("secret", f"{name}-engram", "-n", NAMESPACE)
 
 
 def secret_values(body: dict[str, Any]) -> dict[str, str]:
