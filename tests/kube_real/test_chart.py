@@ -259,16 +259,24 @@ def test_kubectl_scale_to_5_spreads_ready_pods_over_the_3_nodes_and_the_pdb_coun
 
     status = wait_until("the PDB to count 5 healthy pods", pdb_counts)
     assert (status["desiredHealthy"], status["disruptionsAllowed"]) == (4, 1)
-    plane.kubectl("scale", f"deployment/{chat}", "-n", release.namespace, "--replicas=3")
+
+    # kubectl scale took .spec.replicas from Helm (server-side apply field ownership): a later helm upgrade, even
+    # of an unrelated value, is refused until forced, which gives the field back to the chart's replicaCount
+    # (docs/deploy.md, Upgrading).
+    upgrade = ["upgrade", release.name, str(CHART), "-n", release.namespace, "--reuse-values", "--wait"]
+    refused = plane.helm(*upgrade, check=False)
+    assert refused.returncode != 0 and "conflict" in refused.stderr and ".spec.replicas" in refused.stderr
+    plane.helm(*upgrade, "--force-conflicts")
+    assert plane.get("deployment", chat, "-n", release.namespace)["spec"]["replicas"] == 3
 
 
 def test_the_api_server_accepts_the_hpa_and_the_hpa_controller_owns_the_replica_count(
     plane: ControlPlane, release: Release
 ) -> None:
     """Enabling chat.autoscaling on an installed release: the HPA is accepted and acted on (scaled to
-    minReplicas; CPU-based scaling needs metrics-server, which this cluster lacks). Disabling it again needs
-    ``--force-conflicts``: Helm 4 applies server-side, and .spec.replicas is then the HPA controller's field
-    (docs/deploy.md, Upgrading)."""
+    minReplicas; CPU-based scaling needs metrics-server, which this cluster lacks). Disabling it again is run
+    with ``--force-conflicts``: Helm 4 applies server-side and the HPA controller has written .spec.replicas,
+    which can make a plain upgrade conflict (docs/deploy.md, Upgrading)."""
     chat = f"{release.fullname}-chat"
     plane.helm(
         "upgrade", release.name, str(CHART), "-n", release.namespace, "--reuse-values",
