@@ -49,6 +49,11 @@ deploy-test: helm ## Offline deploy tests (chart, kind config, Dockerfile): pyte
 	@$(call deploy-venv-tool,pytest)
 	"$(DEPLOY_VENV)/pytest" tests/deploy -q
 
+.PHONY: control-plane
+control-plane: ## Build etcd, kube-apiserver/-controller-manager/-scheduler, kubectl and kwok from Go modules (cached outside the repo)
+	@command -v go >/dev/null 2>&1 || test -x /usr/local/go/bin/go || { echo "error: Go is not installed (scripts/build-control-plane.sh needs go >= 1.26)" >&2; exit 1; }
+	@PATH="$$PATH:/usr/local/go/bin" nice -n 19 scripts/build-control-plane.sh >/dev/null
+
 .PHONY: image
 image: ## Build the Engram image (IMG=engram:<git describe> by default)
 	@command -v docker >/dev/null 2>&1 || { echo "error: docker is not installed (https://docs.docker.com/engine/install/)" >&2; exit 1; }

@@ -7,26 +7,41 @@
 #   IMAGE_TAG        tag of the built image (default dev-<UTC timestamp>; never "latest")
 #   KIND_NODE_IMAGE  kindest/node image for a new cluster (default: the one your kind version pins)
 #   HELM_EXTRA_ARGS  extra arguments for helm upgrade --install (e.g. "--set chat.replicaCount=5")
+#   KIND_UP_EXISTING_CONTEXT  a kubectl context of a cluster that already exists (KUBECONFIG selects the file):
+#                    only the Kubernetes half runs there (CRD, chart, rollout, tenant, key); no kind cluster is
+#                    created and no image is built or loaded, so IMAGE_TAG must name an image that cluster can
+#                    pull. tests/kube_real/test_kind_up.py runs it against scripts/control-plane.sh this way.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/kind-common.sh"
 
-require_tools docker kind kubectl helm
-IMAGE_TAG="${IMAGE_TAG:-dev-$(date -u +%Y%m%d%H%M%S)}"
-IMAGE="engram:$IMAGE_TAG"
-
-if kind get clusters 2>/dev/null | grep -qx "$KIND_CLUSTER"; then
-  say "kind cluster '$KIND_CLUSTER' exists: reusing it"
+if [[ -n "${KIND_UP_EXISTING_CONTEXT:-}" ]]; then
+  require_tools kubectl helm
+  [[ -n "${IMAGE_TAG:-}" ]] \
+    || die "KIND_UP_EXISTING_CONTEXT is set: set IMAGE_TAG too (an engram image that cluster can pull; nothing is built)"
+  CONTEXT="$KIND_UP_EXISTING_CONTEXT"
+  IMAGE="engram:$IMAGE_TAG"
+  "$KUBECTL" --context "$CONTEXT" get --raw /readyz >/dev/null 2>&1 \
+    || die "the API server of context '$CONTEXT' does not answer (KUBECONFIG=${KUBECONFIG:-~/.kube/config})"
+  say "using the existing cluster of context '$CONTEXT' (no kind, no image build or load)"
 else
-  say "creating kind cluster '$KIND_CLUSTER' from deploy/kind/cluster.yaml"
-  kind create cluster --name "$KIND_CLUSTER" --config "$KIND_CONFIG" --wait 180s \
-    ${KIND_NODE_IMAGE:+--image "$KIND_NODE_IMAGE"}
-fi
-require_cluster
+  require_tools docker kind kubectl helm
+  IMAGE_TAG="${IMAGE_TAG:-dev-$(date -u +%Y%m%d%H%M%S)}"
+  IMAGE="engram:$IMAGE_TAG"
 
-say "building $IMAGE"
-docker build --tag "$IMAGE" "$ROOT"
-say "loading $IMAGE into the kind nodes"
-kind load docker-image "$IMAGE" --name "$KIND_CLUSTER"
+  if kind get clusters 2>/dev/null | grep -qx "$KIND_CLUSTER"; then
+    say "kind cluster '$KIND_CLUSTER' exists: reusing it"
+  else
+    say "creating kind cluster '$KIND_CLUSTER' from deploy/kind/cluster.yaml"
+    kind create cluster --name "$KIND_CLUSTER" --config "$KIND_CONFIG" --wait 180s \
+      ${KIND_NODE_IMAGE:+--image "$KIND_NODE_IMAGE"}
+  fi
+  require_cluster
+
+  say "building $IMAGE"
+  docker build --tag "$IMAGE" "$ROOT"
+  say "loading $IMAGE into the kind nodes"
+  kind load docker-image "$IMAGE" --name "$KIND_CLUSTER"
+fi
 
 # Helm installs crds/ on the first install only and never upgrades them: apply the CRD every time.
 say "applying the MemoryNamespace CRD"
@@ -55,7 +70,7 @@ KEY="$(tenant_key demo)"
 
 cat <<DONE
 
-Engram is running on kind cluster '$KIND_CLUSTER' (context $CONTEXT, namespace $NAMESPACE, image $IMAGE).
+Engram is running on ${KIND_UP_EXISTING_CONTEXT:+the existing cluster of }${KIND_UP_EXISTING_CONTEXT:-kind cluster '$KIND_CLUSTER'} (context $CONTEXT, namespace $NAMESPACE, image $IMAGE).
 
   Chat page      http://127.0.0.1:8080/   (paste the API key below into the page's API key box)
   API key (demo) $KEY

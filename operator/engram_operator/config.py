@@ -10,7 +10,9 @@ from engram_operator.resource import FINALIZER, GROUP
 
 # Watch requests end server-side after this long and are re-opened; the client gives up a bit later.
 # Without both, a silently dropped connection leaves the operator watching nothing (kopf#585).
-WATCH_SERVER_TIMEOUT = 300.0
+# An int: kopf sends it as the watch's timeoutSeconds, and a real API server refuses "300.0" with 400 Bad
+# Request (strconv.ParseInt), which stops the operator at start-up (found by tests/kube_real; KMock accepts it).
+WATCH_SERVER_TIMEOUT = 300
 WATCH_CLIENT_TIMEOUT = 330.0
 CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 30.0

@@ -33,7 +33,11 @@ def sandbox_path(tmp_path: Path, *tools: str) -> str:
 BASICS = ("bash", "env", "dirname", "date", "grep", "cat", "cut", "rm", "mktemp", "base64", "printf")
 
 
-@pytest.mark.parametrize("script", [*KIND_SCRIPTS, SCRIPTS / "ensure-helm.sh"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "script",
+    [*KIND_SCRIPTS, *(SCRIPTS / name for name in ("ensure-helm.sh", "build-control-plane.sh", "control-plane.sh"))],
+    ids=lambda p: p.name,
+)
 def test_script_parses_and_is_strict(script: Path) -> None:
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
