@@ -52,6 +52,9 @@ class Window:
     outcome: HistoryOutcome
     tokens: int
     replay: CommittedTurn | None = None  # set when load_window(turn_id=...) found that turn committed
+    # Every message that fit the budget, before the window dropped an unanswerable start (assistant/tool).
+    fitted: tuple[StoredMessage, ...] = ()
+    reaches_start: bool = True  # fitted begins at the session's first message (or the session is empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,7 @@ class SessionInfo:
     session_id: str
     messages: int
     updated_at: float  # seconds since the epoch
+    label: str | None = None  # the LlamaIndex key a hashed session id stands for (llama_index/keys.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 Layout (``engram`` is the configurable namespace, ``acme`` a tenant, ``s1`` a session)::
 
     engram:acme:{acme:s1}:log      stream   the session's messages, oldest first (server-ordered ids)
-    engram:acme:{acme:s1}:meta     hash     epoch (changes on any rewrite), created_at
+    engram:acme:{acme:s1}:meta     hash     epoch (changes on any rewrite), created, updated, key (LlamaIndex key)
     engram:acme:{acme:s1}:turns    hash     turn_id -> "<user msg id> <assistant msg id>" (idempotency)
     engram:acme:{acme:s1}:archive  stream   messages LlamaIndex's Memory archived (moved out of the log)
     engram:acme:sessions           zset     session_id scored by last update (ms): the tenant's session index

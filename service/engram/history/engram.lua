@@ -1,4 +1,4 @@
-#!lua name=engram_v2
+#!lua name=engram_v3
 -- Engram's Redis Functions. Loaded once per primary (FUNCTION LOAD REPLACE) by the operator, the CLI or
 -- the store itself when its user may; tenants' Redis users may only FCALL them (no EVAL, no SCRIPT).
 -- Every function takes the keys of ONE session (one hash tag), plus the tenant's session index where noted
@@ -77,6 +77,10 @@ local function append_messages(log, args, first, count, turn_id)
   return entries
 end
 
+local function set_label(meta, label)
+  if label ~= '' then redis.call('HSET', meta, 'key', label) end
+end
+
 -- load_window: KEYS log, meta, turns. ARGV cached_epoch, after_id, token_budget, max_count, turn_id.
 -- Returns {epoch, first_id, complete, replay, entries newest-first}. Reads only the entries newer than
 -- after_id (when the cached epoch still holds) that fit the budget: never the whole session.
@@ -113,8 +117,9 @@ local function load_window(keys, args)
   return { epoch, first_id, complete, replay, out }
 end
 
--- commit: KEYS log, meta, turns, index. ARGV turn_id, ttl, max_messages, session_id, count,
--- then count x (role, content, tokens, extra). All messages are appended adjacently in one atomic call.
+-- commit: KEYS log, meta, turns, index. ARGV turn_id, ttl, max_messages, session_id, label, count,
+-- then count x (role, content, tokens, extra). label ('' = none) is the LlamaIndex key the session id
+-- stands for, kept in meta when the id cannot be decoded back into it (see llama_index/keys.py). All messages are appended adjacently in one atomic call.
 -- Returns {duplicate(0|1), epoch, entries, previous_id}; a known turn_id returns what was stored the
 -- first time. previous_id (the newest id before this commit) lets a cache that held exactly that tail
 -- extend itself, so the committing process's next load is a hit.
@@ -132,9 +137,10 @@ local function commit(keys, args)
     redis.call('HSET', meta, 'created', now)
   end
   redis.call('HSET', meta, 'updated', now)
+  set_label(meta, args[5])
   local before = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
   local previous_id = before[1] and before[1][1] or ''
-  local entries = append_messages(log, args, 6, tonumber(args[5]), turn_id)
+  local entries = append_messages(log, args, 7, tonumber(args[6]), turn_id)
   if turn_id ~= '' then
     local ids = {}
     for i = 1, #entries do ids[i] = entries[i][1] end
@@ -146,11 +152,11 @@ local function commit(keys, args)
   return { 0, epoch, entries, previous_id }
 end
 
--- replace: KEYS log, meta, turns, index. ARGV ttl, max_messages, session_id, count, messages...
+-- replace: KEYS log, meta, turns, index. ARGV ttl, max_messages, session_id, label, count, messages...
 -- Atomically swaps the session's whole history (LlamaIndex set_messages). Zero messages = delete.
 local function replace(keys, args)
   local log, meta, turns, index = keys[1], keys[2], keys[3], keys[4]
-  local count = tonumber(args[4])
+  local count = tonumber(args[5])
   redis.call('DEL', log, turns)
   if count == 0 then
     redis.call('DEL', meta)
@@ -161,7 +167,8 @@ local function replace(keys, args)
   local now = now_ms()
   redis.call('HSETNX', meta, 'created', now)
   redis.call('HSET', meta, 'updated', now)
-  local entries = append_messages(log, args, 5, count, '')
+  set_label(meta, args[4])
+  local entries = append_messages(log, args, 6, count, '')
   apply_retention(log, turns, tonumber(args[2]))
   apply_ttl(keys, tonumber(args[1]))
   redis.call('ZADD', index, 0, args[3])
@@ -185,6 +192,47 @@ local function delete_at(keys, args)
   redis.call('XDEL', log, found[1])
   new_epoch(meta)
   return { found }
+end
+
+-- insert_at: KEYS log, meta, turns, index, archive. ARGV position, ttl, max_messages, session_id, label,
+-- role, content, tokens, extra. Inserts one message before the one at position, as Python's
+-- list.insert does (negative counts from the end; out of range clamps to either end). A stream only
+-- appends, so the messages from position on are re-added after the new one (their ids change: new
+-- epoch, and their turns map to the new ids). Costs O(messages after position).
+local function insert_at(keys, args)
+  local log, meta, turns, index = keys[1], keys[2], keys[3], keys[4]
+  local len = redis.call('XLEN', log)
+  local position = tonumber(args[1])
+  if position < 0 then position = math.max(0, len + position) end
+  if position > len then position = len end
+  local tail = {}
+  if position < len then tail = redis.call('XREVRANGE', log, '+', '-', 'COUNT', len - position) end
+  for i = 1, #tail do redis.call('XDEL', log, tail[i][1]) end
+  local now = now_ms()
+  redis.call('HSETNX', meta, 'created', now)
+  redis.call('HSET', meta, 'updated', now)
+  set_label(meta, args[5])
+  local entries = append_messages(log, args, 6, 1, '')
+  local renamed = {}
+  for i = #tail, 1, -1 do  -- oldest first
+    local id = redis.call('XADD', log, '*', unpack(tail[i][2]))
+    renamed[tail[i][1]] = id
+    entries[#entries + 1] = { id, tail[i][2] }
+    local turn = field(tail[i][2], 'turn')
+    if turn then
+      local ids = redis.call('HGET', turns, turn)
+      if ids then
+        local moved = {}
+        for old in string.gmatch(ids, '%S+') do moved[#moved + 1] = renamed[old] or old end
+        redis.call('HSET', turns, turn, table.concat(moved, ' '))
+      end
+    end
+  end
+  if #tail > 0 or not redis.call('HGET', meta, 'epoch') then new_epoch(meta) end
+  apply_retention(log, turns, tonumber(args[3]))
+  apply_ttl(keys, tonumber(args[2]))
+  redis.call('ZADD', index, 0, args[4])
+  return entries
 end
 
 -- delete_session: KEYS log, meta, turns, index, archive. ARGV session_id. 1 when something was deleted.
@@ -227,13 +275,14 @@ end
 
 -- load writes nothing, but is NOT flagged no-writes on purpose: a turn's load must be refused (OOM at
 -- maxmemory, READONLY on a replica) exactly when the commit after it would be, before the model runs.
-redis.register_function('engram_v2_load', load_window)
+redis.register_function('engram_v3_load', load_window)
 -- writable: refused by Redis whenever a write would be (OOM, READONLY, NOREPLICAS); /readyz calls it.
-redis.register_function('engram_v2_writable', function() return 1 end)
-redis.register_function('engram_v2_commit', commit)
-redis.register_function('engram_v2_replace', replace)
-redis.register_function('engram_v2_delete_at', delete_at)
+redis.register_function('engram_v3_writable', function() return 1 end)
+redis.register_function('engram_v3_commit', commit)
+redis.register_function('engram_v3_replace', replace)
+redis.register_function('engram_v3_delete_at', delete_at)
 -- Pure deletes may run when Redis is at maxmemory (noeviction), so a tenant can free space.
-redis.register_function { function_name = 'engram_v2_delete_session', callback = delete_session, flags = { 'allow-oom' } }
-redis.register_function { function_name = 'engram_v2_prune_index', callback = prune_index, flags = { 'allow-oom' } }
-redis.register_function('engram_v2_take_oldest', take_oldest)
+redis.register_function { function_name = 'engram_v3_delete_session', callback = delete_session, flags = { 'allow-oom' } }
+redis.register_function { function_name = 'engram_v3_prune_index', callback = prune_index, flags = { 'allow-oom' } }
+redis.register_function('engram_v3_take_oldest', take_oldest)
+redis.register_function('engram_v3_insert_at', insert_at)

@@ -3,7 +3,7 @@
 Why Redis Functions rather than EVAL scripts: a function library is loaded once by a privileged user
 (operator, CLI, or the store when it may) and then only *called* with FCALL. Tenant users therefore need
 neither EVAL (arbitrary Lua) nor SCRIPT, and the library is persisted and replicated by Redis itself.
-The library name carries a version (``engram_v2``) so replicas of two releases can run side by side: any
+The library name carries a version (``engram_v3``) so replicas of two releases can run side by side: any
 change to engram.lua bumps it (and the function names), otherwise ensure_library of the old and the new
 release would keep replacing each other's code.
 """
@@ -17,17 +17,19 @@ from redis.exceptions import NoPermissionError
 
 from engram.errors import StoreUnavailable
 
-LIBRARY_NAME = "engram_v2"  # v2: prune_index, writable, write-checked load; deletes may run at maxmemory
+LIBRARY_NAME = "engram_v3"  # v3: insert_at, sessions labelled with the LlamaIndex key (meta "key")
+# v2: prune_index, writable, write-checked load; deletes may run at maxmemory
 LIBRARY = resources.files("engram.history").joinpath("engram.lua").read_text(encoding="utf-8")
 
-FN_LOAD = "engram_v2_load"
-FN_COMMIT = "engram_v2_commit"
-FN_REPLACE = "engram_v2_replace"
-FN_DELETE_AT = "engram_v2_delete_at"
-FN_DELETE_SESSION = "engram_v2_delete_session"
-FN_TAKE_OLDEST = "engram_v2_take_oldest"
-FN_PRUNE_INDEX = "engram_v2_prune_index"
-FN_WRITABLE = "engram_v2_writable"
+FN_LOAD = "engram_v3_load"
+FN_COMMIT = "engram_v3_commit"
+FN_REPLACE = "engram_v3_replace"
+FN_DELETE_AT = "engram_v3_delete_at"
+FN_DELETE_SESSION = "engram_v3_delete_session"
+FN_TAKE_OLDEST = "engram_v3_take_oldest"
+FN_PRUNE_INDEX = "engram_v3_prune_index"
+FN_WRITABLE = "engram_v3_writable"
+FN_INSERT_AT = "engram_v3_insert_at"
 
 # Every command a user of Engram's history store sends, or that the library runs on its behalf (ACLs
 # apply inside functions too). This is the explicit allow-list for tenant and service Redis users:

@@ -43,6 +43,7 @@ from engram.history.functions import (
     FN_COMMIT,
     FN_DELETE_AT,
     FN_DELETE_SESSION,
+    FN_INSERT_AT,
     FN_LOAD,
     FN_PRUNE_INDEX,
     FN_REPLACE,
@@ -285,7 +286,9 @@ class HistoryStore:
         replay = None
         if replay_entries and turn_id:
             replay = CommittedTurn(turn_id, [_parse_entry(e) for e in replay_entries], duplicate=True)
-        return Window(messages, outcome, sum(m.tokens for m in messages), replay)
+        fitted = new_tail.messages if new_tail else ()
+        reaches_start = new_tail.complete if new_tail else True
+        return Window(messages, outcome, sum(m.tokens for m in messages), replay, fitted, reaches_start)
 
     async def commit_turn(
         self,
@@ -312,9 +315,11 @@ class HistoryStore:
         policy: Policy | None = None,
         *,
         turn_id: str | None = None,
+        label: str = "",
     ) -> CommittedTurn:
         """Append messages atomically and adjacently. With ``turn_id`` the call is idempotent: a
-        second call with the same id stores nothing and returns the first call's messages."""
+        second call with the same id stores nothing and returns the first call's messages. ``label``
+        (kept in the session's meta as ``key``) names the session for the LlamaIndex adapters."""
         keys = self._session(tenant, session_id)
         policy = policy or Policy()
         if turn_id is not None:
@@ -325,7 +330,7 @@ class HistoryStore:
         try:
             raw = await self._call_on_session(
                 FN_COMMIT, keys, turn_id or "", policy.session_ttl_seconds, policy.max_messages_per_session,
-                session_id, len(messages), *args,
+                session_id, label, len(messages), *args,
             )  # fmt: skip
         except StoreUnavailable as error:
             # Sent, perhaps, and unanswered: a frozen or slow Redis still runs what it queued. With a turn
@@ -341,7 +346,13 @@ class HistoryStore:
 
     # --- whole-session operations (LlamaIndex chat-store semantics) -------------------------------------
     async def replace(
-        self, tenant: str, session_id: str, messages: Sequence[NewMessage], policy: Policy | None = None
+        self,
+        tenant: str,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        policy: Policy | None = None,
+        *,
+        label: str = "",
     ) -> list[StoredMessage]:
         """Atomically replace the whole history (an empty list deletes the session)."""
         keys = self._session(tenant, session_id)
@@ -349,10 +360,31 @@ class HistoryStore:
         args = self._message_args(messages)
         raw = await self._call_on_session(
             FN_REPLACE, keys, policy.session_ttl_seconds, policy.max_messages_per_session,
-            session_id, len(messages), *args,
+            session_id, label, len(messages), *args,
         )  # fmt: skip
         self.cache.discard(keys.log)
         return [_parse_entry(e) for e in raw[1]]
+
+    async def insert_at(
+        self,
+        tenant: str,
+        session_id: str,
+        position: int,
+        message: NewMessage,
+        policy: Policy | None = None,
+        *,
+        label: str = "",
+    ) -> None:
+        """Insert ``message`` before the message at ``position``, atomically, as ``list.insert`` does
+        (negative counts from the end, out of range clamps). Messages after it are re-added: O(those)."""
+        keys = self._session(tenant, session_id)
+        policy = policy or Policy()
+        args = self._message_args([message])
+        await self._call_on_session(
+            FN_INSERT_AT, keys, position, policy.session_ttl_seconds, policy.max_messages_per_session,
+            session_id, label, *args,
+        )  # fmt: skip
+        self.cache.discard(keys.log)
 
     async def delete_message_at(self, tenant: str, session_id: str, position: int) -> StoredMessage | None:
         """Delete the message at ``position`` (0 = oldest, -1 = newest); order and TTL of the rest stay."""
@@ -391,6 +423,13 @@ class HistoryStore:
         keys = self._session(tenant, session_id)
         async with self._redis_errors():
             await self.client.delete(keys.archive)
+
+    async def last_messages(self, tenant: str, session_id: str, count: int) -> list[StoredMessage]:
+        """The newest ``count`` messages, oldest first, whatever their tokens."""
+        keys = self._session(tenant, session_id)
+        async with self._redis_errors():
+            entries = await self.client.xrevrange(keys.log, count=count) or []
+        return [_parse_entry(e) for e in reversed(entries)]
 
     async def count_messages(self, tenant: str, session_id: str, *, archived: bool = False) -> int:
         keys = self._session(tenant, session_id)
@@ -434,15 +473,17 @@ class HistoryStore:
                 for keys in valid:
                     pipe.xlen(keys.log)
                     pipe.hget(keys.meta, "updated")
+                    pipe.hget(keys.meta, "key")
                 replies = await pipe.execute()
         sessions: list[SessionInfo] = []
         empty: list[SessionKeys] = []
         for i, keys in enumerate(valid):
-            count, updated = replies[2 * i], replies[2 * i + 1]
+            count, updated, label = replies[3 * i : 3 * i + 3]
             if not count:
                 empty.append(keys)
                 continue
-            sessions.append(SessionInfo(keys.session_id, int(count), int(_text(updated) or 0) / 1000.0))
+            info = SessionInfo(keys.session_id, int(count), int(_text(updated) or 0) / 1000.0)
+            sessions.append(dataclasses.replace(info, label=_text(label)) if label is not None else info)
         if empty:
             await self._prune_index(index, empty)
         next_cursor = _encode_cursor(page_ids[-1]) if len(ids) > limit else None
@@ -460,13 +501,17 @@ class HistoryStore:
 
     async def session_ids(self, tenant: str) -> list[str]:
         """Every live session id of the tenant, page by page from the index."""
-        ids: list[str] = []
+        return [s.session_id for s in await self.all_sessions(tenant)]
+
+    async def all_sessions(self, tenant: str) -> list[SessionInfo]:
+        """Every live session of the tenant, page by page from the index."""
+        sessions: list[SessionInfo] = []
         cursor: str | None = None
         while True:
             page = await self.list_sessions(tenant, limit=1000, cursor=cursor)
-            ids += [s.session_id for s in page.sessions]
+            sessions += page.sessions
             if page.next_cursor is None:
-                return ids
+                return sessions
             cursor = page.next_cursor
 
     async def count_sessions(self, tenant: str) -> int:

@@ -15,13 +15,23 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel
 
+from engram.connections import create_redis
 from engram.history.store import HistoryStore
+from engram.redis_keys import KeySpace
+from engram.settings import Settings
 
 T = TypeVar("T")
 Operation = Callable[[HistoryStore], Awaitable[T]]
 """One store operation, written once and run either on the caller's loop or through the sync bridge."""
 SYNC_CALL_TIMEOUT_SECONDS = 30.0
+
+
+def store_from_url(url: str, namespace: str = "engram", **settings: Any) -> HistoryStore:
+    """A :class:`HistoryStore` on ``url`` with Engram's default timeouts."""
+    config = Settings(redis_url=url, namespace=namespace, **settings)
+    return HistoryStore(create_redis(config), KeySpace(namespace), cache_sessions=config.cache_sessions)
 
 
 def clone_store(store: HistoryStore) -> HistoryStore:
@@ -103,3 +113,58 @@ class StoreRuntime:
             return await operation(self.current())
 
         return _background.run(run())
+
+
+def url_of(store: HistoryStore) -> str:
+    """A URL that reconnects to ``store``'s Redis, without its password: a serialized adapter must not
+    carry a secret it was not given as part of a URL (the reconnect reads ``ENGRAM_REDIS_PASSWORD``)."""
+    kwargs = store.client.connection_pool.connection_kwargs
+    db = kwargs.get("db", 0)
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={db}"
+    scheme = "rediss" if "ssl" in store.client.connection_pool.connection_class.__name__.lower() else "redis"
+    user = f"{kwargs['username']}@" if kwargs.get("username") else ""
+    return f"{scheme}://{user}{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{db}"
+
+
+class Reconnecting:
+    """The store behind an adapter, made from its ``redis_url`` on first use: so an adapter that was
+    pickled, or rebuilt by ``from_dict`` / ``model_validate``, works again without a client."""
+
+    redis_url: str
+    namespace: str
+    _runtime: StoreRuntime | None
+
+    @staticmethod
+    def _connection_fields(store: HistoryStore | None, data: dict[str, Any]) -> dict[str, Any]:
+        data.pop("class_name", None)  # to_dict() output, passed back to the constructor
+        if store is None and not data.get("redis_url"):
+            raise TypeError("pass store= (a HistoryStore) or redis_url=")
+        if store is not None:
+            data.setdefault("redis_url", url_of(store))
+            data.setdefault("namespace", store.keys.namespace)
+        return data
+
+    @property
+    def runtime(self) -> StoreRuntime:
+        if self._runtime is None:
+            self._runtime = StoreRuntime(store_from_url(self.redis_url, self.namespace))
+        return self._runtime
+
+    def _unpicklable(self) -> dict[str, Any]:
+        """Private attributes left out of a pickle, with the values an unpickled copy starts from."""
+        return {"_runtime": None}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pydantic's state, minus the connection (locks, sockets, an event loop's pool)
+        model: Any = self
+        return {
+            "__dict__": dict(model.__dict__),
+            "__pydantic_extra__": model.__pydantic_extra__,
+            "__pydantic_fields_set__": model.__pydantic_fields_set__,
+            "__pydantic_private__": {**(model.__pydantic_private__ or {}), **self._unpicklable()},
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # pydantic's, not BaseComponent's (which re-runs __init__ and so drops private state)
+        BaseModel.__setstate__(self, state)  # type: ignore[arg-type]

@@ -1,9 +1,21 @@
 """``RedisChatStore``: LlamaIndex's ``BaseChatStore`` on Engram's data model.
 
 Unlike ``llama-index-storage-chat-store-redis``: ``set_messages`` is atomic (one function call, not
-DEL + N RPUSH), every write refreshes the TTL of all of the session's keys, ``delete_message`` keeps
-the order and the TTL of what remains, and ``get_keys`` reads the tenant's session index (never KEYS).
-Chat-store keys are Engram session ids (``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``).
+DEL + N RPUSH), ``add_message(..., idx=)`` inserts atomically, every write refreshes the TTL of all of
+the session's keys, ``delete_message`` keeps the order and the TTL of what remains, and ``get_keys``
+reads the tenant's session index (never KEYS).
+
+Keys are any non-empty strings, mapped onto session ids as :mod:`engram.llama_index.keys` describes.
+Behaviour is ``SimpleChatStore``'s (tests/llama_index/test_differential.py runs both side by side),
+except where Redis makes a deliberate difference:
+
+- a key whose last message goes is gone: ``set_messages(key, [])`` and deleting every message remove the
+  key from ``get_keys`` (``SimpleChatStore`` keeps an empty list under it; LlamaIndex's Redis store
+  forgets it as Engram does), so ``delete_messages`` then answers None where ``SimpleChatStore``
+  answers ``[]``, and ``delete_last_message`` None where it raises IndexError;
+- ``get_keys`` lists keys in session-id order, not in order of first use.
+
+Serializable (``to_dict``/``from_dict``/``model_validate``/pickle): the copy reconnects by ``redis_url``.
 """
 
 from __future__ import annotations
@@ -14,38 +26,40 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.storage.chat_store.base import BaseChatStore
 
-from engram.connections import create_redis
 from engram.history.store import HistoryStore
-from engram.llama_index._runtime import Operation, StoreRuntime
+from engram.llama_index._runtime import Operation, Reconnecting, StoreRuntime, store_from_url
 from engram.llama_index.convert import to_chat_message, to_new_message
+from engram.llama_index.keys import key_for, label_for, session_id_for
+from engram.messages import SessionInfo
 from engram.policy import MAX_MESSAGES_PER_SESSION, SESSION_TTL_SECONDS, Policy
-from engram.redis_keys import KeySpace
-from engram.settings import Settings
+
+__all__ = ["RedisChatStore", "keys_of", "store_from_url"]
 
 T = TypeVar("T")
 
 
-class _StoreBacked:
+def keys_of(sessions: list[SessionInfo]) -> list[str]:
+    """The LlamaIndex keys of ``sessions``; sessions no key maps to (an HTTP API session named with a
+    reserved prefix, a hashed id whose stored key is gone) are not reachable by key, so not listed."""
+    keys = (key_for(s.session_id, s.label) for s in sessions)
+    return [key for key in keys if key is not None]
+
+
+class _StoreBacked(Reconnecting):
     """Sync and async execution of one store operation, shared by the chat-store adapters."""
 
-    _runtime: StoreRuntime
-
     def _run(self, operation: Operation[T]) -> T:
-        return self._runtime.call_sync(operation)
+        return self.runtime.call_sync(operation)
 
     async def _arun(self, operation: Operation[T]) -> T:
-        return await self._runtime.call(operation)
-
-
-def store_from_url(url: str, namespace: str = "engram", **settings: Any) -> HistoryStore:
-    """A :class:`HistoryStore` on ``url`` with Engram's default timeouts."""
-    config = Settings(redis_url=url, namespace=namespace, **settings)
-    return HistoryStore(create_redis(config), KeySpace(namespace), cache_sessions=config.cache_sessions)
+        return await self.runtime.call(operation)
 
 
 class RedisChatStore(_StoreBacked, BaseChatStore):
-    """A LlamaIndex chat store whose keys are session ids of one Engram tenant."""
+    """A LlamaIndex chat store whose keys name sessions of one Engram tenant."""
 
+    redis_url: str = Field(description="Redis URL the store (re)connects to")
+    namespace: str = Field(default="engram", description="Engram key namespace")
     tenant: str = Field(default="default", description="tenant (DNS label) the sessions belong to")
     ttl: int = Field(
         default=0,
@@ -60,15 +74,16 @@ class RedisChatStore(_StoreBacked, BaseChatStore):
         description="oldest messages beyond this are trimmed",
     )
 
-    _runtime: StoreRuntime = PrivateAttr()
+    _runtime: StoreRuntime | None = PrivateAttr(default=None)
 
-    def __init__(self, *, store: HistoryStore, **data: Any) -> None:
-        super().__init__(**data)
-        self._runtime = StoreRuntime(store)
+    def __init__(self, *, store: HistoryStore | None = None, **data: Any) -> None:
+        super().__init__(**self._connection_fields(store, data))
+        if store is not None:
+            self._runtime = StoreRuntime(store)
 
     @classmethod
     def from_url(cls, url: str, **data: Any) -> RedisChatStore:
-        return cls(store=store_from_url(url), **data)
+        return cls(redis_url=url, **data)
 
     @classmethod
     def class_name(cls) -> str:
@@ -80,36 +95,52 @@ class RedisChatStore(_StoreBacked, BaseChatStore):
 
     # --- operations, each defined once and run sync or async ---------------------------------------
     def _set(self, key: str, messages: list[ChatMessage]) -> Operation[Any]:
-        new = [to_new_message(m) for m in messages]
-        return lambda store: store.replace(self.tenant, key, new, self.policy)
+        new, session = [to_new_message(m) for m in messages], session_id_for(key)
+        return lambda store: store.replace(self.tenant, session, new, self.policy, label=label_for(key))
 
     def _get(self, key: str) -> Operation[list[ChatMessage]]:
+        session = session_id_for(key)
+
         async def operation(store: HistoryStore) -> list[ChatMessage]:
-            return [to_chat_message(m) for m in await store.all_messages(self.tenant, key)]
+            return [to_chat_message(m) for m in await store.all_messages(self.tenant, session)]
 
         return operation
 
-    def _add(self, key: str, message: ChatMessage) -> Operation[Any]:
-        new = [to_new_message(message)]
-        return lambda store: store.append(self.tenant, key, new, self.policy)
+    def _add(self, key: str, message: ChatMessage, idx: int | None) -> Operation[Any]:
+        new, session, label = to_new_message(message), session_id_for(key), label_for(key)
+        if idx is None:
+            return lambda store: store.append(self.tenant, session, [new], self.policy, label=label)
+        return lambda store: store.insert_at(self.tenant, session, idx, new, self.policy, label=label)
 
     def _delete_all(self, key: str) -> Operation[list[ChatMessage] | None]:
+        session = session_id_for(key)
+
         async def operation(store: HistoryStore) -> list[ChatMessage] | None:
-            stored = await store.all_messages(self.tenant, key)
-            await store.delete_session(self.tenant, key)
+            stored = await store.all_messages(self.tenant, session)
+            await store.delete_session(self.tenant, session)
             return [to_chat_message(m) for m in stored] if stored else None
 
         return operation
 
     def _delete_at(self, key: str, idx: int) -> Operation[ChatMessage | None]:
+        session = session_id_for(key)
+
         async def operation(store: HistoryStore) -> ChatMessage | None:
-            deleted = await store.delete_message_at(self.tenant, key, idx)
-            return to_chat_message(deleted) if deleted else None
+            deleted = await store.delete_message_at(self.tenant, session, idx)
+            if deleted is not None:
+                return to_chat_message(deleted)
+            # As list.pop: past the end is None (SimpleChatStore checks it), before the start an error.
+            if idx < 0 and await store.count_messages(self.tenant, session) > 0:
+                raise IndexError("pop index out of range")
+            return None
 
         return operation
 
     def _keys(self) -> Operation[list[str]]:
-        return lambda store: store.session_ids(self.tenant)
+        async def operation(store: HistoryStore) -> list[str]:
+            return keys_of(await store.all_sessions(self.tenant))
+
+        return operation
 
     # --- BaseChatStore --------------------------------------------------------------------------------
     def set_messages(self, key: str, messages: list[ChatMessage]) -> None:
@@ -124,11 +155,12 @@ class RedisChatStore(_StoreBacked, BaseChatStore):
     async def aget_messages(self, key: str) -> list[ChatMessage]:
         return await self._arun(self._get(key))
 
-    def add_message(self, key: str, message: ChatMessage) -> None:
-        self._run(self._add(key, message))
+    def add_message(self, key: str, message: ChatMessage, idx: int | None = None) -> None:
+        """Append ``message``, or insert it before position ``idx`` as ``list.insert`` does."""
+        self._run(self._add(key, message, idx))
 
-    async def async_add_message(self, key: str, message: ChatMessage) -> None:
-        await self._arun(self._add(key, message))
+    async def async_add_message(self, key: str, message: ChatMessage, idx: int | None = None) -> None:
+        await self._arun(self._add(key, message, idx))
 
     def delete_messages(self, key: str) -> list[ChatMessage] | None:
         return self._run(self._delete_all(key))

@@ -3,7 +3,8 @@
 ``Memory.from_defaults(chat_store=EngramDBChatStore(store=...), session_id=...)`` keeps the active
 queue in the session's log stream and archived messages in its archive stream. Archiving the oldest
 messages is one atomic function call, so two ``Memory`` instances on one session neither lose nor
-duplicate archived messages.
+duplicate archived messages. Keys (``Memory``'s ``session_id``) are any non-empty strings, mapped onto
+session ids as :mod:`engram.llama_index.keys` describes. Serializable: a copy reconnects by ``redis_url``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.storage.chat_store.base_db import AsyncDBChatStore, MessageStatus
 
 from engram.history.store import HistoryStore
-from engram.llama_index._runtime import StoreRuntime
-from engram.llama_index.chat_store import store_from_url
+from engram.llama_index._runtime import Reconnecting, StoreRuntime
+from engram.llama_index.chat_store import keys_of
 from engram.llama_index.convert import to_chat_message, to_new_message
+from engram.llama_index.keys import label_for, session_id_for
 from engram.policy import MAX_MESSAGES_PER_SESSION, SESSION_TTL_SECONDS, Policy
 
 
-class EngramDBChatStore(AsyncDBChatStore):
+class EngramDBChatStore(Reconnecting, AsyncDBChatStore):
+    redis_url: str = Field(description="Redis URL the store (re)connects to")
+    namespace: str = Field(default="engram", description="Engram key namespace")
     tenant: str = Field(default="default", description="tenant (DNS label) the sessions belong to")
     ttl: int = Field(
         default=0,
@@ -36,15 +40,16 @@ class EngramDBChatStore(AsyncDBChatStore):
         description="active messages beyond this are trimmed",
     )
 
-    _runtime: StoreRuntime = PrivateAttr()
+    _runtime: StoreRuntime | None = PrivateAttr(default=None)
 
-    def __init__(self, *, store: HistoryStore, **data: Any) -> None:
-        super().__init__(**data)
-        self._runtime = StoreRuntime(store)
+    def __init__(self, *, store: HistoryStore | None = None, **data: Any) -> None:
+        super().__init__(**self._connection_fields(store, data))
+        if store is not None:
+            self._runtime = StoreRuntime(store)
 
     @classmethod
     def from_url(cls, url: str, **data: Any) -> EngramDBChatStore:
-        return cls(store=store_from_url(url), **data)
+        return cls(redis_url=url, **data)
 
     @classmethod
     def class_name(cls) -> str:
@@ -56,7 +61,7 @@ class EngramDBChatStore(AsyncDBChatStore):
 
     @property
     def _store(self) -> HistoryStore:
-        return self._runtime.current()
+        return self.runtime.current()
 
     async def get_messages(
         self,
@@ -68,16 +73,18 @@ class EngramDBChatStore(AsyncDBChatStore):
         statuses = [MessageStatus.ARCHIVED, MessageStatus.ACTIVE] if status is None else [status]
         stored = []
         for each in statuses:  # archived messages are older than every active one
-            stored += await self._store.all_messages(self.tenant, key, archived=each == MessageStatus.ARCHIVED)
+            stored += await self._store.all_messages(
+                self.tenant, session_id_for(key), archived=each == MessageStatus.ARCHIVED
+            )
         start = offset or 0
         stored = stored[start : None if limit is None else start + limit]
         return [to_chat_message(m) for m in stored]
 
     async def count_messages(self, key: str, status: MessageStatus | None = MessageStatus.ACTIVE) -> int:
-        active = await self._store.count_messages(self.tenant, key)
+        active = await self._store.count_messages(self.tenant, session_id_for(key))
         if status == MessageStatus.ACTIVE:
             return active
-        archived = await self._store.count_messages(self.tenant, key, archived=True)
+        archived = await self._store.count_messages(self.tenant, session_id_for(key), archived=True)
         return archived if status == MessageStatus.ARCHIVED else active + archived
 
     def _refuse_archived_writes(self, status: MessageStatus) -> None:
@@ -92,31 +99,44 @@ class EngramDBChatStore(AsyncDBChatStore):
     ) -> None:
         self._refuse_archived_writes(status)
         if messages:
-            await self._store.append(self.tenant, key, [to_new_message(m) for m in messages], self.policy)
+            await self._store.append(
+                self.tenant,
+                session_id_for(key),
+                [to_new_message(m) for m in messages],
+                self.policy,
+                label=label_for(key),
+            )
 
     async def set_messages(
         self, key: str, messages: list[ChatMessage], status: MessageStatus = MessageStatus.ACTIVE
     ) -> None:
         self._refuse_archived_writes(status)
-        await self._store.replace(self.tenant, key, [to_new_message(m) for m in messages], self.policy)
+        await self._store.replace(
+            self.tenant, session_id_for(key), [to_new_message(m) for m in messages], self.policy, label=label_for(key)
+        )
 
     async def delete_message(self, key: str, idx: int) -> ChatMessage | None:
-        deleted = await self._store.delete_message_at(self.tenant, key, idx)
+        deleted = await self._store.delete_message_at(self.tenant, session_id_for(key), idx)
         return to_chat_message(deleted) if deleted else None
 
     async def delete_messages(self, key: str, status: MessageStatus | None = None) -> None:
         if status is None:
-            await self._store.delete_session(self.tenant, key)
+            await self._store.delete_session(self.tenant, session_id_for(key))
         elif status == MessageStatus.ACTIVE:
-            await self._store.replace(self.tenant, key, [], self.policy)
+            await self._store.replace(self.tenant, session_id_for(key), [], self.policy, label=label_for(key))
         else:
-            await self._store.delete_archive(self.tenant, key)
+            await self._store.delete_archive(self.tenant, session_id_for(key))
 
     async def delete_oldest_messages(self, key: str, n: int) -> list[ChatMessage]:
-        return [to_chat_message(m) for m in await self._store.take_oldest(self.tenant, key, n, archive=False)]
+        return [
+            to_chat_message(m)
+            for m in await self._store.take_oldest(self.tenant, session_id_for(key), n, archive=False)
+        ]
 
     async def archive_oldest_messages(self, key: str, n: int) -> list[ChatMessage]:
-        return [to_chat_message(m) for m in await self._store.take_oldest(self.tenant, key, n, archive=True)]
+        return [
+            to_chat_message(m) for m in await self._store.take_oldest(self.tenant, session_id_for(key), n, archive=True)
+        ]
 
     async def get_keys(self) -> list[str]:
-        return await self._store.session_ids(self.tenant)
+        return keys_of(await self._store.all_sessions(self.tenant))

@@ -5,73 +5,164 @@ newest messages that fit the token limit (validated against this process's cache
 tail) and one atomic commit of the user message with the reply. ``ChatMemoryBuffer`` over a chat
 store instead reads the whole history and re-tokenizes it on every ``get``.
 
-How it maps LlamaIndex's calls: ``put(user)`` keeps the message pending; ``get()`` returns the stored
-window plus the pending messages; ``put(assistant)`` commits everything pending with it as one turn
-(adjacent, atomic, idempotent by ``turn_id``). A model error between the two leaves nothing written.
+How it maps LlamaIndex's calls: ``put(user)`` holds the message; ``get()`` returns the window
+``ChatMemoryBuffer`` would (same trimming rules) over the stored messages plus the held ones;
+``put(assistant)`` commits everything held with it as one turn (adjacent, atomic, idempotent by
+``turn_id``).
+
+What is persisted before the answer arrives: nothing. Messages put without an answer (user, tool,
+system) are held in this object only: another memory on the session, or this process after a crash,
+does not see them, and a model error between question and answer leaves nothing written (a retry
+does not store the question twice). ``get``/``get_all``/``to_dict``/pickling of this object include
+them; ``flush()`` / ``aflush()`` store them on their own. This is the one deliberate difference from
+``ChatMemoryBuffer``, which writes every ``put`` to its store at once.
+
+Token counts: each message is counted once, when written, by ``tokenizer_fn`` when one is given (else
+by the store's tokenizer: tiktoken ``cl100k_base``, ``ChatMemoryBuffer``'s default too); the window sums
+the per-message counts, where ``ChatMemoryBuffer`` counts the contents joined by spaces (the same for
+whitespace tokenizers, within a token per message for BPE ones).
+
+Keys: ``session_id`` (or ``chat_store_key``) is any non-empty string (see :mod:`engram.llama_index.keys`).
+Serializable: ``to_dict``/``from_dict``/``model_validate``/pickle; a copy reconnects by ``redis_url``.
 Build one memory per request (they are cheap); share the :class:`HistoryStore` (and its cache).
 """
 
 from __future__ import annotations
 
+import pickle
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
-from llama_index.core.memory.types import BaseMemory
+from llama_index.core.llms.llm import LLM
+from llama_index.core.memory.types import DEFAULT_CHAT_STORE_KEY, BaseMemory
+from llama_index.core.storage.chat_store.base import BaseChatStore
 from llama_index.core.utils import get_tokenizer
 
-from engram.history.cache import drop_unanswerable_start, fit_budget
 from engram.history.store import HistoryStore
-from engram.llama_index._runtime import Operation, StoreRuntime
+from engram.llama_index._runtime import Operation, Reconnecting, StoreRuntime
+from engram.llama_index.chat_store import RedisChatStore
 from engram.llama_index.convert import to_chat_message, to_new_message
+from engram.llama_index.keys import label_for, session_id_for
 from engram.messages import CommittedTurn, NewMessage, StoredMessage, Window
 from engram.policy import TOKEN_LIMIT, Policy
 
 _ANSWER_ROLES = frozenset({"assistant", "model", "chatbot"})
+# ChatMemoryBuffer's rule: a window (shorter than the whole history) opens with neither of these.
+_NOT_OPENING_ROLES = frozenset({"assistant", "tool"})
+DEFAULT_TOKEN_LIMIT_RATIO = 0.75  # ChatMemoryBuffer's share of the LLM's context window
 
 
-class EngramMemory(BaseMemory):
+def buffer_window(
+    messages: Sequence[ChatMessage], tokens: Sequence[int], token_limit: int, whole_history: bool
+) -> list[ChatMessage]:
+    """What ``ChatMemoryBuffer.get`` returns for ``messages`` (the newest part of the history; all of it
+    when ``whole_history``): the longest suffix that fits and does not open with an assistant or tool
+    message (the whole history may), else the newest message alone, even over the limit."""
+    count = len(messages)
+    suffix_tokens = [0] * (count + 1)  # suffix_tokens[k]: tokens of the newest k messages
+    for k in range(1, count + 1):
+        suffix_tokens[k] = suffix_tokens[k - 1] + tokens[count - k]
+    for k in range(count, 0, -1):
+        may_open = k == 1 or (whole_history and k == count) or messages[count - k].role not in _NOT_OPENING_ROLES
+        if may_open and suffix_tokens[k] <= token_limit:
+            return list(messages[count - k :])
+    return list(messages[-1:])
+
+
+class EngramMemory(Reconnecting, BaseMemory):
     """Chat memory for ``SimpleChatEngine``, ``CondensePlusContextChatEngine`` and friends."""
 
+    redis_url: str = Field(description="Redis URL the memory (re)connects to")
+    namespace: str = Field(default="engram", description="Engram key namespace")
     tenant: str = Field(default="default", description="tenant (DNS label) owning the session")
-    session_id: str = Field(description="stable id of the conversation; the same on every replica")
+    session_id: str = Field(
+        default=DEFAULT_CHAT_STORE_KEY, min_length=1, description="the conversation's key, any non-empty string"
+    )
     token_limit: int = Field(
-        default=TOKEN_LIMIT.default,
-        ge=TOKEN_LIMIT.minimum,
-        le=TOKEN_LIMIT.maximum,
-        description="tokens of history handed to the model",
+        default=TOKEN_LIMIT.default, ge=1, le=TOKEN_LIMIT.maximum, description="tokens of history handed to the model"
     )
     turn_id: str | None = Field(default=None, description="id of the next commit (idempotency); random if unset")
     tokenizer_fn: Callable[[str], list[Any]] = Field(
-        default_factory=get_tokenizer, exclude=True, description="used by chat engines for prefix messages"
+        default_factory=get_tokenizer, exclude=True, description="counts the tokens of what this memory writes"
     )
 
-    _runtime: StoreRuntime = PrivateAttr()
-    _policy: Policy = PrivateAttr()
+    _runtime: StoreRuntime | None = PrivateAttr(default=None)
+    _policy: Policy = PrivateAttr(default_factory=Policy)
     _window: Window | None = PrivateAttr(default=None)
     # put() but not yet committed: each message with its prepared form (validated, tokens counted once)
     _pending: list[tuple[ChatMessage, NewMessage]] = PrivateAttr(default_factory=list)
     _committed: CommittedTurn | None = PrivateAttr(default=None)
 
-    def __init__(self, *, store: HistoryStore, policy: Policy | None = None, **data: Any) -> None:
+    def __init__(self, *, store: HistoryStore | None = None, policy: Policy | None = None, **data: Any) -> None:
         if "token_limit" not in data and policy is not None:
             data["token_limit"] = policy.token_limit
-        super().__init__(**data)
-        self._runtime = StoreRuntime(store)
-        self._policy = policy or Policy(token_limit=self.token_limit)
+        unknown = set(data) - set(type(self).model_fields) - {"class_name"}
+        if unknown:
+            raise TypeError(f"EngramMemory got unexpected arguments: {', '.join(sorted(unknown))}")
+        super().__init__(**self._connection_fields(store, data))
+        if store is not None:
+            self._runtime = StoreRuntime(store)
+        if policy is not None:
+            self._policy = policy
+
+    def model_post_init(self, context: Any, /) -> None:
+        super().model_post_init(context)
+        # the store's policy bounds token_limit from 16; a smaller buffer only trims harder
+        self._policy = Policy(token_limit=max(self.token_limit, TOKEN_LIMIT.minimum))
 
     @classmethod
     def class_name(cls) -> str:
         return "EngramMemory"
 
     @classmethod
-    def from_defaults(cls, **kwargs: Any) -> EngramMemory:
-        """``EngramMemory.from_defaults(store=..., session_id=..., token_limit=...)``."""
-        return cls(**kwargs)
+    def from_defaults(
+        cls,
+        chat_history: list[ChatMessage] | None = None,
+        llm: LLM | None = None,
+        chat_store: BaseChatStore | None = None,
+        chat_store_key: str | None = None,
+        token_limit: int | None = None,
+        tokenizer_fn: Callable[[str], list[Any]] | None = None,
+        **kwargs: Any,
+    ) -> EngramMemory:
+        """``ChatMemoryBuffer.from_defaults``'s arguments, plus Engram's: ``store=`` or ``redis_url=``
+        (or ``chat_store=`` a :class:`RedisChatStore`), ``session_id`` (= ``chat_store_key``),
+        ``tenant``, ``policy``, ``turn_id``. ``chat_history`` replaces what the session holds, as
+        ``ChatMemoryBuffer`` sets it in its store. Any other argument is a TypeError."""
+        if chat_store is not None:
+            if not isinstance(chat_store, RedisChatStore):
+                raise TypeError(
+                    f"chat_store: EngramMemory keeps its history in Engram's Redis; pass store=, redis_url= or "
+                    f"an engram RedisChatStore, not {type(chat_store).__name__}"
+                )
+            if "store" not in kwargs and "redis_url" not in kwargs:
+                kwargs["store"] = chat_store.runtime.home
+            kwargs.setdefault("tenant", chat_store.tenant)
+        if chat_store_key is not None:
+            if kwargs.get("session_id", chat_store_key) != chat_store_key:
+                raise TypeError("chat_store_key and session_id name the same thing: pass one of them")
+            kwargs["session_id"] = chat_store_key
+        if llm is not None and token_limit is None:
+            window = int(llm.metadata.context_window * DEFAULT_TOKEN_LIMIT_RATIO)
+            token_limit = min(window, TOKEN_LIMIT.maximum)
+        if token_limit is not None:
+            kwargs["token_limit"] = token_limit
+        if tokenizer_fn is not None:
+            kwargs["tokenizer_fn"] = tokenizer_fn
+        memory = cls(**kwargs)
+        if chat_history is not None:
+            memory.set(chat_history)
+        return memory
 
     # --- what the service reads after a turn ----------------------------------------------------------
+    @property
+    def chat_store_key(self) -> str:
+        """``ChatMemoryBuffer``'s name for the conversation's key."""
+        return self.session_id
+
     @property
     def window(self) -> Window | None:
         """The window loaded for this turn (its ``outcome`` is hit / delta / miss)."""
@@ -82,37 +173,53 @@ class EngramMemory(BaseMemory):
         """What the last commit stored (``duplicate`` when another request committed this turn first)."""
         return self._committed
 
+    @property
+    def _session(self) -> str:
+        return session_id_for(self.session_id)
+
+    def _new(self, message: ChatMessage) -> NewMessage:
+        """``message`` as stored, counted by ``tokenizer_fn`` when one was given."""
+        new = to_new_message(message)
+        if "tokenizer_fn" in self.model_fields_set:
+            new = NewMessage(new.role, new.content, new.extra, len(self.tokenizer_fn(new.content)))
+        return self.runtime.home.prepare(new)
+
     # --- operations: each defined once, run on the caller's loop (a-methods) or the sync bridge ---------
     def _load(self) -> Operation[Window]:
         async def operation(store: HistoryStore) -> Window:
-            self._window = await store.load_window(self.tenant, self.session_id, self.token_limit, turn_id=self.turn_id)
+            self._window = await store.load_window(self.tenant, self._session, self.token_limit, turn_id=self.turn_id)
             return self._window
 
         return operation
 
+    def _newest(self) -> Operation[list[StoredMessage]]:
+        return lambda store: store.last_messages(self.tenant, self._session, 1)
+
     def _stored(self) -> Operation[list[ChatMessage]]:
         async def operation(store: HistoryStore) -> list[ChatMessage]:
-            stored = await store.all_messages(self.tenant, self.session_id)
+            stored = await store.all_messages(self.tenant, self._session)
             return [to_chat_message(m) for m in stored] + [chat for chat, _ in self._pending]
 
         return operation
 
     def _commit(self, new: list[NewMessage], turn_id: str | None) -> Operation[None]:
         async def operation(store: HistoryStore) -> None:
-            self._committed = await store.append(self.tenant, self.session_id, new, self._policy, turn_id=turn_id)
+            self._committed = await store.append(
+                self.tenant, self._session, new, self._policy, turn_id=turn_id, label=label_for(self.session_id)
+            )
             self._window = None  # the next get loads again (a hit or delta, from the cache)
             self.turn_id = None
 
         return operation
 
     def _replace(self, messages: list[ChatMessage]) -> Operation[None]:
-        new = [to_new_message(m) for m in messages]
+        new = [self._new(m) for m in messages]
 
         async def operation(store: HistoryStore) -> None:
             if new:
-                await store.replace(self.tenant, self.session_id, new, self._policy)
+                await store.replace(self.tenant, self._session, new, self._policy, label=label_for(self.session_id))
             else:
-                await store.delete_session(self.tenant, self.session_id)
+                await store.delete_session(self.tenant, self._session)
             self._pending, self._window = [], None
 
         return operation
@@ -121,39 +228,44 @@ class EngramMemory(BaseMemory):
     async def aload(self) -> Window:
         """Load this turn's window now (one round trip). With ``turn_id`` set, ``window.replay`` holds
         that turn if it was already committed: answer the retry from it without calling the model."""
-        return await self._runtime.call(self._load())
+        return await self.runtime.call(self._load())
 
     def load(self) -> Window:
-        return self._runtime.call_sync(self._load())
+        return self.runtime.call_sync(self._load())
 
-    def _compose(self, window: Window, initial_token_count: int) -> list[ChatMessage]:
-        pending_tokens = sum(new.tokens or 0 for _, new in self._pending)
-        budget = self.token_limit - initial_token_count - pending_tokens
-        if budget < 0:
-            raise ValueError(
-                f"initial token count {initial_token_count + pending_tokens} exceeds token limit {self.token_limit}"
-            )
-        history: list[StoredMessage] = drop_unanswerable_start(fit_budget(window.messages, budget))
-        return [to_chat_message(m) for m in history] + [chat for chat, _ in self._pending]
+    def _needs_newest(self, window: Window) -> bool:
+        """Nothing fit and nothing is held: ``ChatMemoryBuffer`` would return the newest message anyway."""
+        return not window.fitted and not window.reaches_start and not self._pending
+
+    def _compose(self, window: Window, initial_token_count: int, newest: list[StoredMessage]) -> list[ChatMessage]:
+        if initial_token_count > self.token_limit:
+            raise ValueError("Initial token count exceeds token limit")  # as ChatMemoryBuffer
+        stored = list(window.fitted) or newest
+        messages = [to_chat_message(m) for m in stored] + [chat for chat, _ in self._pending]
+        tokens = [m.tokens for m in stored] + [new.tokens or 0 for _, new in self._pending]
+        whole = window.reaches_start and not newest
+        return buffer_window(messages, tokens, self.token_limit - initial_token_count, whole)
 
     async def aget(self, input: str | None = None, **kwargs: Any) -> list[ChatMessage]:
         window = self._window if self._window is not None else await self.aload()
-        return self._compose(window, int(kwargs.get("initial_token_count", 0)))
+        newest = await self.runtime.call(self._newest()) if self._needs_newest(window) else []
+        return self._compose(window, int(kwargs.get("initial_token_count", 0)), newest)
 
     def get(self, input: str | None = None, **kwargs: Any) -> list[ChatMessage]:
         window = self._window if self._window is not None else self.load()
-        return self._compose(window, int(kwargs.get("initial_token_count", 0)))
+        newest = self.runtime.call_sync(self._newest()) if self._needs_newest(window) else []
+        return self._compose(window, int(kwargs.get("initial_token_count", 0)), newest)
 
     async def aget_all(self) -> list[ChatMessage]:
-        return await self._runtime.call(self._stored())
+        return await self.runtime.call(self._stored())
 
     def get_all(self) -> list[ChatMessage]:
-        return self._runtime.call_sync(self._stored())
+        return self.runtime.call_sync(self._stored())
 
     # --- writing ------------------------------------------------------------------------------------
     def _take_turn(self, message: ChatMessage) -> list[NewMessage] | None:
-        """Add ``message`` to the pending turn; return the turn when it is complete (an answer)."""
-        new = self._runtime.home.prepare(to_new_message(message))
+        """Hold ``message``; return everything held when it completes a turn (an answer)."""
+        new = self._new(message)
         self._pending.append((message, new))
         if new.role not in _ANSWER_ROLES:
             return None
@@ -162,26 +274,60 @@ class EngramMemory(BaseMemory):
 
     async def aput(self, message: ChatMessage) -> None:
         if turn := self._take_turn(message):
-            await self._runtime.call(self._commit(turn, self.turn_id or uuid.uuid4().hex))
+            await self.runtime.call(self._commit(turn, self.turn_id or uuid.uuid4().hex))
 
     def put(self, message: ChatMessage) -> None:
         if turn := self._take_turn(message):
-            self._runtime.call_sync(self._commit(turn, self.turn_id or uuid.uuid4().hex))
+            self.runtime.call_sync(self._commit(turn, self.turn_id or uuid.uuid4().hex))
+
+    def _flush(self) -> Operation[None] | None:
+        if not self._pending:
+            return None
+        pending, self._pending = self._pending, []
+        return self._commit([new for _, new in pending], None)
 
     async def aflush(self) -> None:
-        """Commit pending messages that no answer followed (e.g. a user message on its own)."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            await self._runtime.call(self._commit([new for _, new in pending], None))
+        """Store held messages that no answer followed (e.g. a user message on its own)."""
+        if operation := self._flush():
+            await self.runtime.call(operation)
+
+    def flush(self) -> None:
+        if operation := self._flush():
+            self.runtime.call_sync(operation)
 
     async def aset(self, messages: list[ChatMessage]) -> None:
-        await self._runtime.call(self._replace(messages))
+        await self.runtime.call(self._replace(messages))
 
     def set(self, messages: list[ChatMessage]) -> None:
-        self._runtime.call_sync(self._replace(messages))
+        self.runtime.call_sync(self._replace(messages))
 
     async def areset(self) -> None:
-        await self._runtime.call(self._replace([]))
+        await self.runtime.call(self._replace([]))
 
     def reset(self) -> None:
-        self._runtime.call_sync(self._replace([]))
+        self.runtime.call_sync(self._replace([]))
+
+    # --- serialization ------------------------------------------------------------------------------
+    def to_string(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_string(cls, json_str: str) -> EngramMemory:
+        return cls.model_validate_json(json_str)
+
+    def _unpicklable(self) -> dict[str, Any]:
+        return {"_runtime": None, "_window": None}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        try:
+            pickle.dumps(self.tokenizer_fn)
+        except Exception:  # a lambda, a closure: the copy counts with the store's tokenizer instead
+            state["__dict__"].pop("tokenizer_fn", None)
+            state["__pydantic_fields_set__"] = state["__pydantic_fields_set__"] - {"tokenizer_fn"}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "tokenizer_fn" not in self.__dict__:
+            self.__dict__["tokenizer_fn"] = get_tokenizer()
