@@ -19,7 +19,26 @@ from testkit.redis_server import RedisServer
 LEFTOVER_GRACE = 10.0
 
 
+def _describe_lambdas_without_crashing() -> None:
+    """CPython 3.11.7's ``ast.parse`` can raise ``SystemError: AST constructor recursion depth mismatch``
+    when it is called deep in the stack. Hypothesis parses a lambda's source only to describe a strategy
+    in a repr (schemathesis's recursive JSON strategies build such reprs eagerly), so that crash failed a
+    test that had found nothing: such a lambda is described without its source instead."""
+    from hypothesis.internal import lambda_sources
+
+    describe = lambda_sources.lambda_description
+
+    def lambda_description(f: object) -> str:
+        try:
+            return describe(f)  # type: ignore[no-any-return]
+        except SystemError:
+            return "lambda: <source not shown>"
+
+    lambda_sources.lambda_description = lambda_description  # type: ignore[assignment]
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _describe_lambdas_without_crashing()
     # Inherited by every process the tests start (unless a test builds an environment from nothing),
     # so the end-of-run check finds leftovers even after they were re-parented to PID 1.
     os.environ[LEAK_MARKER] = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
