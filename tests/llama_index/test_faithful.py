@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
+import redis
 from hypothesis import given
 from hypothesis import strategies as st
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.memory import Memory
 from llama_index.core.storage.chat_store import SimpleChatStore
 
+from engram.errors import StoreUnavailable
 from engram.llama_index import EngramDBChatStore, EngramMemory, RedisChatStore
 from engram.llama_index.keys import HASHED_PREFIX, key_for, label_for, session_id_for
 from engram.redis_keys import SESSION_ID_PATTERN
+from testkit.redis_server import RedisServer
 
 any_key = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=300)
 
@@ -85,3 +89,33 @@ def test_adapters_serialize_and_unpickle_into_working_objects(redis_url: str) ->
     ):
         assert restored.token_limit == 50 and restored.get_all()[0].content == "kept"
     assert [m.content for m in pickle.loads(pickle.dumps(memory)).get()] == ["kept", "held"]
+
+
+def test_a_memory_made_from_a_chat_store_writes_with_the_stores_retention(redis_url: str) -> None:
+    store = RedisChatStore.from_url(redis_url, ttl=0, max_messages=4)
+    memory = EngramMemory.from_defaults(chat_store=store, chat_store_key="kept")
+    for n in range(3):
+        memory.put(ChatMessage(role="user", content=f"q{n}"))
+        memory.put(ChatMessage(role="assistant", content=f"a{n}"))
+    assert [m.content for m in store.get_messages("kept")] == ["q1", "a1", "q2", "a2"]  # trimmed at 4
+    client = redis.Redis.from_url(redis_url)
+    log = next(k for k in client.scan_iter("engram:default:*:log"))
+    assert client.ttl(log) == -1  # ttl=0: kept for good, not the default week
+    copy = EngramMemory.from_dict(memory.to_dict())
+    assert (copy.session_ttl_seconds, copy.max_messages_per_session) == (0, 4)
+
+
+def test_a_commit_that_fails_keeps_the_turn_held_and_its_retry_stores_it_once(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        memory = EngramMemory(redis_url=server.url, session_id="user:7")
+        memory.put(ChatMessage(role="user", content="my name is Ada"))
+        server.stop()
+        with pytest.raises(StoreUnavailable):
+            memory.put(ChatMessage(role="assistant", content="hello Ada"))
+        server.start()
+        memory.put(ChatMessage(role="assistant", content="hello Ada"))  # the same turn, retried
+        memory.put(ChatMessage(role="assistant", content="hello Ada"))  # a second answer alone: a new turn
+        assert [m.content for m in memory.get_all()] == ["my name is Ada", "hello Ada", "hello Ada"]
+    finally:
+        server.stop()

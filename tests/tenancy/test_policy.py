@@ -52,17 +52,21 @@ def test_retention_takes_only_its_choices() -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), OUT_OF_BOUNDS)
-async def test_a_stored_record_out_of_bounds_is_unreadable_and_its_key_resolves_to_no_tenant(
-    admin: aioredis.Redis, make_tenant: MakeTenant, field: PolicyField, value: int
+async def test_a_stored_record_out_of_bounds_still_serves_its_tenant_at_the_nearest_bound(
+    admin: aioredis.Redis, make_tenant: MakeTenant, field: PolicyField, value: int, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A record written by an older version that took such values: an upgrade must not lock the tenant out."""
     credentials = await make_tenant("acme")
     registry = TenantRegistry(admin, KEYS, cache_seconds=0)
-    assert await registry.resolve_api_key(credentials.api_key) is not None
-    await admin.hset(KEYS.tenant_record("acme"), field.name, str(value))  # e.g. written by an older version
-    with pytest.raises(InvalidRecord, match=rf"{field.name}: expected an integer in \[{field.minimum}, "):
-        await read_record(admin, KEYS, "acme")
-    assert await registry.resolve_api_key(credentials.api_key) is None
-    assert await list_tenants(admin, KEYS) == []
+    await admin.hset(KEYS.tenant_record("acme"), field.name, str(value))
+    record = await read_record(admin, KEYS, "acme")
+    assert record is not None
+    nearest = field.minimum if value < field.minimum else field.maximum
+    assert getattr(record.policy, field.name) == nearest
+    assert f"{field.name}: expected an integer in [{field.minimum}, {field.maximum}], got {value}" in caplog.text
+    tenant = await registry.resolve_api_key(credentials.api_key)
+    assert tenant is not None and getattr(tenant.policy, field.name) == nearest
+    assert [t.tenant for t in await list_tenants(admin, KEYS)] == ["acme"]
 
 
 async def test_a_stored_record_with_a_non_integer_policy_field_names_the_field(

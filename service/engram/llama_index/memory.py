@@ -13,8 +13,10 @@ How it maps LlamaIndex's calls: ``put(user)`` holds the message; ``get()`` retur
 What is persisted before the answer arrives: nothing. Messages put without an answer (user, tool,
 system) are held in this object only: another memory on the session, or this process after a crash,
 does not see them, and a model error between question and answer leaves nothing written (a retry
-does not store the question twice). ``get``/``get_all``/``to_dict``/pickling of this object include
-them; ``flush()`` / ``aflush()`` store them on their own. This is the one deliberate difference from
+does not store the question twice; a commit that fails keeps them held with the turn id, so putting
+the answer again retries that turn). ``get``/``get_all``/pickling of this object include them
+(``to_dict`` does not: it holds settings, not state); ``flush()`` / ``aflush()`` store them on their
+own. This is the one deliberate difference from
 ``ChatMemoryBuffer``, which writes every ``put`` to its store at once.
 
 Token counts: each message is counted once, when written, by ``tokenizer_fn`` when one is given (else
@@ -47,7 +49,7 @@ from engram.llama_index.chat_store import RedisChatStore
 from engram.llama_index.convert import to_chat_message, to_new_message
 from engram.llama_index.keys import label_for, session_id_for
 from engram.messages import CommittedTurn, NewMessage, StoredMessage, Window
-from engram.policy import TOKEN_LIMIT, Policy
+from engram.policy import MAX_MESSAGES_PER_SESSION, SESSION_TTL_SECONDS, TOKEN_LIMIT, Policy
 
 _ANSWER_ROLES = frozenset({"assistant", "model", "chatbot"})
 # ChatMemoryBuffer's rule: a window (shorter than the whole history) opens with neither of these.
@@ -84,6 +86,18 @@ class EngramMemory(Reconnecting, BaseMemory):
     token_limit: int = Field(
         default=TOKEN_LIMIT.default, ge=1, le=TOKEN_LIMIT.maximum, description="tokens of history handed to the model"
     )
+    session_ttl_seconds: int = Field(
+        default=SESSION_TTL_SECONDS.default,
+        ge=SESSION_TTL_SECONDS.minimum,
+        le=SESSION_TTL_SECONDS.maximum,
+        description="0 = never expire",
+    )
+    max_messages_per_session: int = Field(
+        default=MAX_MESSAGES_PER_SESSION.default,
+        ge=MAX_MESSAGES_PER_SESSION.minimum,
+        le=MAX_MESSAGES_PER_SESSION.maximum,
+        description="oldest trimmed",
+    )
     turn_id: str | None = Field(default=None, description="id of the next commit (idempotency); random if unset")
     tokenizer_fn: Callable[[str], list[Any]] = Field(
         default_factory=get_tokenizer, exclude=True, description="counts the tokens of what this memory writes"
@@ -97,21 +111,25 @@ class EngramMemory(Reconnecting, BaseMemory):
     _committed: CommittedTurn | None = PrivateAttr(default=None)
 
     def __init__(self, *, store: HistoryStore | None = None, policy: Policy | None = None, **data: Any) -> None:
-        if "token_limit" not in data and policy is not None:
-            data["token_limit"] = policy.token_limit
+        if policy is not None:  # the policy's fields, so that to_dict/from_dict keep them too
+            data.setdefault("token_limit", policy.token_limit)
+            data.setdefault("session_ttl_seconds", policy.session_ttl_seconds)
+            data.setdefault("max_messages_per_session", policy.max_messages_per_session)
         unknown = set(data) - set(type(self).model_fields) - {"class_name"}
         if unknown:
             raise TypeError(f"EngramMemory got unexpected arguments: {', '.join(sorted(unknown))}")
         super().__init__(**self._connection_fields(store, data))
         if store is not None:
             self._runtime = StoreRuntime(store)
-        if policy is not None:
-            self._policy = policy
 
     def model_post_init(self, context: Any, /) -> None:
         super().model_post_init(context)
         # the store's policy bounds token_limit from 16; a smaller buffer only trims harder
-        self._policy = Policy(token_limit=max(self.token_limit, TOKEN_LIMIT.minimum))
+        self._policy = Policy(
+            token_limit=max(self.token_limit, TOKEN_LIMIT.minimum),
+            session_ttl_seconds=self.session_ttl_seconds,
+            max_messages_per_session=self.max_messages_per_session,
+        )
 
     @classmethod
     def class_name(cls) -> str:
@@ -141,6 +159,9 @@ class EngramMemory(Reconnecting, BaseMemory):
             if "store" not in kwargs and "redis_url" not in kwargs:
                 kwargs["store"] = chat_store.runtime.home
             kwargs.setdefault("tenant", chat_store.tenant)
+            if "policy" not in kwargs:  # the chat store's retention applies to what the memory writes
+                kwargs.setdefault("session_ttl_seconds", chat_store.ttl)
+                kwargs.setdefault("max_messages_per_session", chat_store.max_messages)
         if chat_store_key is not None:
             if kwargs.get("session_id", chat_store_key) != chat_store_key:
                 raise TypeError("chat_store_key and session_id name the same thing: pass one of them")
@@ -207,6 +228,8 @@ class EngramMemory(Reconnecting, BaseMemory):
             self._committed = await store.append(
                 self.tenant, self._session, new, self._policy, turn_id=turn_id, label=label_for(self.session_id)
             )
+            # only now: a commit that failed keeps its messages held and its turn id for the retry
+            self._pending = []
             self._window = None  # the next get loads again (a hit or delta, from the cache)
             self.turn_id = None
 
@@ -264,27 +287,28 @@ class EngramMemory(Reconnecting, BaseMemory):
 
     # --- writing ------------------------------------------------------------------------------------
     def _take_turn(self, message: ChatMessage) -> list[NewMessage] | None:
-        """Hold ``message``; return everything held when it completes a turn (an answer)."""
+        """Hold ``message``; return everything held when it completes a turn (an answer). The turn id is
+        fixed here and everything stays held until the commit succeeds: after an error (e.g.
+        ``OutcomeUnknown``) putting the answer again retries the same turn, stored once."""
         new = self._new(message)
-        self._pending.append((message, new))
         if new.role not in _ANSWER_ROLES:
+            self._pending.append((message, new))
             return None
-        turn, self._pending = self._pending, []
-        return [new for _, new in turn]
+        self.turn_id = self.turn_id or uuid.uuid4().hex
+        return [held for _, held in self._pending] + [new]
 
     async def aput(self, message: ChatMessage) -> None:
         if turn := self._take_turn(message):
-            await self.runtime.call(self._commit(turn, self.turn_id or uuid.uuid4().hex))
+            await self.runtime.call(self._commit(turn, self.turn_id))
 
     def put(self, message: ChatMessage) -> None:
         if turn := self._take_turn(message):
-            self.runtime.call_sync(self._commit(turn, self.turn_id or uuid.uuid4().hex))
+            self.runtime.call_sync(self._commit(turn, self.turn_id))
 
     def _flush(self) -> Operation[None] | None:
         if not self._pending:
             return None
-        pending, self._pending = self._pending, []
-        return self._commit([new for _, new in pending], None)
+        return self._commit([new for _, new in self._pending], None)
 
     async def aflush(self) -> None:
         """Store held messages that no answer followed (e.g. a user message on its own)."""

@@ -89,9 +89,9 @@ class Observed:
             return
         header_bytes = sum(len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
         if header_bytes > MAX_HEADER_BYTES:
-            await errors.error_response(431, "headers_too_large", f"request headers over {MAX_HEADER_BYTES} bytes")(
-                scope, receive, send
-            )
+            message = f"request headers over {MAX_HEADER_BYTES} bytes"
+            too_large = errors.error_response(431, "headers_too_large", message, path=scope.get("path", ""))
+            await too_large(scope, receive, send)
             return
         started = time.perf_counter()
         status = 500

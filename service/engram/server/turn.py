@@ -23,6 +23,7 @@ no answer is 503 ``outcome_unknown`` with the turn id to retry with.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -334,7 +335,7 @@ class Turn:
         )
 
 
-def failure_outcome(error: Exception) -> str:
+def failure_outcome(error: BaseException) -> str:
     """The ``engram_turns_total`` outcome of a turn that failed with ``error``."""
     if isinstance(error, InvalidInput | TurnIdReused):
         return "rejected"
@@ -355,8 +356,9 @@ async def start_turn(ctx: TurnContext, request: TurnRequest) -> Turn:
             return Turn(ctx, turn, window, started, None, tokens)
         given = prompt(ctx, window, turn)
         model = await start_model(ctx, given, turn)
-    except Exception as error:
-        metrics.observe_turn(failure_outcome(error), time.perf_counter() - started)
+    except BaseException as error:  # a cancelled request (client gone, shutdown) is a turn's outcome too
+        outcome = "abandoned" if isinstance(error, asyncio.CancelledError) else failure_outcome(error)
+        metrics.observe_turn(outcome, time.perf_counter() - started)
         raise
     return Turn(ctx, turn, window, started, model, given.tokens)
 

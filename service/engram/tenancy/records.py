@@ -85,9 +85,21 @@ class TenantRecord:
         for policy_field in POLICY_FIELDS:
             text = raw[policy_field.name]
             try:
-                values[policy_field.name] = int(text)
+                value = int(text)
             except ValueError:
                 raise InvalidRecord(f"tenant record has {policy_field.name}: {policy_field.problem(text)}") from None
+            # Older versions stored values the bounds now refuse (e.g. `--token-limit 0`): the nearest bound
+            # serves the tenant instead of locking it out after an upgrade; `engram tenant create` rewrites it.
+            bounded = min(max(value, policy_field.minimum), policy_field.maximum)
+            if bounded != value:
+                log.warning(
+                    "tenant record %s has %s: %s; using %d (re-create the tenant to store a valid policy)",
+                    raw["tenant"],
+                    policy_field.name,
+                    policy_field.problem(value),
+                    bounded,
+                )
+            values[policy_field.name] = bounded
         try:
             retention = RETENTION.parse(raw["retention"])
             policy = Policy(**values)
