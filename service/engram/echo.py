@@ -22,6 +22,9 @@ _INSTRUCTION_ROLES = frozenset({"system", "developer"})
 
 
 class Message(Protocol):
+    """What a model reads of a message (Engram's stored messages, LlamaIndex's ``ChatMessage``): they are
+    given to it as they are, not copied."""
+
     @property
     def role(self) -> str: ...
     @property

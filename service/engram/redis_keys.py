@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engram.errors import InvalidSessionId, InvalidTenant
+from engram.errors import InvalidInput, InvalidSessionId, InvalidTenant
 
 DEFAULT_NAMESPACE = "engram"
 SYSTEM_SEGMENT = "_sys"
@@ -37,24 +37,23 @@ TENANT_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 NAMESPACE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
+def matching(value: object, pattern: re.Pattern[str], error: type[InvalidInput], what: str, expected: str) -> str:
+    """Return ``value`` if it is a string ``pattern`` matches whole, else raise ``error`` saying what was expected."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise error(f"invalid {what} {value!r}: expected {expected}")
+    return value
+
+
 def validate_session_id(session_id: object) -> str:
     """Return ``session_id`` if it is a valid session id, else raise :class:`InvalidSessionId`."""
-    if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
-        raise InvalidSessionId(
-            f"invalid session id {session_id!r}: expected 1-128 characters of [A-Za-z0-9._-], "
-            "starting with a letter or digit"
-        )
-    return session_id
+    expected = "1-128 characters of [A-Za-z0-9._-], starting with a letter or digit"
+    return matching(session_id, SESSION_ID_PATTERN, InvalidSessionId, "session id", expected)
 
 
 def validate_tenant(tenant: object) -> str:
     """Return ``tenant`` if it is a DNS label (lowercase, digits, '-', at most 63), else raise."""
-    if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
-        raise InvalidTenant(
-            f"invalid tenant {tenant!r}: expected a DNS label (1-63 of [a-z0-9-], "
-            "starting and ending with a letter or digit)"
-        )
-    return tenant
+    expected = "a DNS label (1-63 of [a-z0-9-], starting and ending with a letter or digit)"
+    return matching(tenant, TENANT_PATTERN, InvalidTenant, "tenant", expected)
 
 
 @dataclass(frozen=True, slots=True)

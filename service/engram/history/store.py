@@ -61,7 +61,7 @@ from engram.messages import (
     Window,
 )
 from engram.policy import Policy
-from engram.redis_keys import SESSION_ID_PATTERN, KeySpace, SessionKeys, validate_session_id, validate_tenant
+from engram.redis_keys import SESSION_ID_PATTERN, KeySpace, SessionKeys, matching, validate_session_id, validate_tenant
 from engram.tokens import Tokenizer, default_tokenizer
 
 T = TypeVar("T")
@@ -127,12 +127,8 @@ def _decode_stream_cursor(cursor: str) -> str:
 
 
 def validate_turn_id(turn_id: object) -> str:
-    if not isinstance(turn_id, str) or not TURN_ID_PATTERN.fullmatch(turn_id):
-        raise InvalidMessage(
-            f"invalid turn id {turn_id!r}: expected 1-128 characters of [A-Za-z0-9._:-], "
-            "starting with a letter or digit"
-        )
-    return turn_id
+    expected = "1-128 characters of [A-Za-z0-9._:-], starting with a letter or digit"
+    return matching(turn_id, TURN_ID_PATTERN, InvalidMessage, "turn id", expected)
 
 
 class HistoryStore:

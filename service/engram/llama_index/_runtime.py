@@ -12,13 +12,14 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, PrivateAttr
 
 from engram.connections import create_redis
 from engram.history.store import HistoryStore
+from engram.policy import SESSION_TTL_SECONDS, Policy
 from engram.redis_keys import KeySpace
 from engram.settings import Settings
 
@@ -168,3 +169,34 @@ class Reconnecting:
     def __setstate__(self, state: dict[str, Any]) -> None:
         # pydantic's, not BaseComponent's (which re-runs __init__ and so drops private state)
         BaseModel.__setstate__(self, state)  # type: ignore[arg-type]
+
+
+class ChatStoreFields(Reconnecting, BaseModel):
+    """What the two chat-store adapters share: where the sessions are, whose they are, how long they live.
+    Each adapter declares its own ``max_messages`` (its default differs)."""
+
+    redis_url: str = Field(description="Redis URL the store (re)connects to")
+    namespace: str = Field(default="engram", description="Engram key namespace")
+    tenant: str = Field(default="default", description="tenant (DNS label) the sessions belong to")
+    ttl: int = Field(
+        default=0,
+        ge=SESSION_TTL_SECONDS.minimum,
+        le=SESSION_TTL_SECONDS.maximum,
+        description="seconds an idle session lives; 0 = forever",
+    )
+    max_messages: int
+
+    _runtime: StoreRuntime | None = PrivateAttr(default=None)
+
+    def __init__(self, *, store: HistoryStore | None = None, **data: Any) -> None:
+        super().__init__(**self._connection_fields(store, data))
+        if store is not None:
+            self._runtime = StoreRuntime(store)
+
+    @classmethod
+    def from_url(cls, url: str, **data: Any) -> Self:
+        return cls(redis_url=url, **data)
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(session_ttl_seconds=self.ttl, max_messages_per_session=self.max_messages)

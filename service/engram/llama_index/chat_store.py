@@ -23,15 +23,15 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from llama_index.core.base.llms.types import ChatMessage
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.storage.chat_store.base import BaseChatStore
 
 from engram.history.store import HistoryStore
-from engram.llama_index._runtime import Operation, Reconnecting, StoreRuntime, store_from_url
+from engram.llama_index._runtime import ChatStoreFields, Operation, store_from_url
 from engram.llama_index.convert import to_chat_message, to_new_message
 from engram.llama_index.keys import key_for, label_for, session_id_for
 from engram.messages import SessionInfo
-from engram.policy import MAX_MESSAGES_PER_SESSION, SESSION_TTL_SECONDS, Policy
+from engram.policy import MAX_MESSAGES_PER_SESSION
 
 __all__ = ["RedisChatStore", "keys_of", "store_from_url"]
 
@@ -45,28 +45,9 @@ def keys_of(sessions: list[SessionInfo]) -> list[str]:
     return [key for key in keys if key is not None]
 
 
-class _StoreBacked(Reconnecting):
-    """Sync and async execution of one store operation, shared by the chat-store adapters."""
-
-    def _run(self, operation: Operation[T]) -> T:
-        return self.runtime.call_sync(operation)
-
-    async def _arun(self, operation: Operation[T]) -> T:
-        return await self.runtime.call(operation)
-
-
-class RedisChatStore(_StoreBacked, BaseChatStore):
+class RedisChatStore(ChatStoreFields, BaseChatStore):
     """A LlamaIndex chat store whose keys name sessions of one Engram tenant."""
 
-    redis_url: str = Field(description="Redis URL the store (re)connects to")
-    namespace: str = Field(default="engram", description="Engram key namespace")
-    tenant: str = Field(default="default", description="tenant (DNS label) the sessions belong to")
-    ttl: int = Field(
-        default=0,
-        ge=SESSION_TTL_SECONDS.minimum,
-        le=SESSION_TTL_SECONDS.maximum,
-        description="seconds an idle session lives; 0 = forever",
-    )
     max_messages: int = Field(
         default=10_000,
         ge=MAX_MESSAGES_PER_SESSION.minimum,
@@ -74,24 +55,9 @@ class RedisChatStore(_StoreBacked, BaseChatStore):
         description="oldest messages beyond this are trimmed",
     )
 
-    _runtime: StoreRuntime | None = PrivateAttr(default=None)
-
-    def __init__(self, *, store: HistoryStore | None = None, **data: Any) -> None:
-        super().__init__(**self._connection_fields(store, data))
-        if store is not None:
-            self._runtime = StoreRuntime(store)
-
-    @classmethod
-    def from_url(cls, url: str, **data: Any) -> RedisChatStore:
-        return cls(redis_url=url, **data)
-
     @classmethod
     def class_name(cls) -> str:
         return "EngramRedisChatStore"
-
-    @property
-    def policy(self) -> Policy:
-        return Policy(session_ttl_seconds=self.ttl, max_messages_per_session=self.max_messages)
 
     # --- operations, each defined once and run sync or async ---------------------------------------
     def _set(self, key: str, messages: list[ChatMessage]) -> Operation[Any]:
@@ -144,44 +110,44 @@ class RedisChatStore(_StoreBacked, BaseChatStore):
 
     # --- BaseChatStore --------------------------------------------------------------------------------
     def set_messages(self, key: str, messages: list[ChatMessage]) -> None:
-        self._run(self._set(key, messages))
+        self.runtime.call_sync(self._set(key, messages))
 
     async def aset_messages(self, key: str, messages: list[ChatMessage]) -> None:
-        await self._arun(self._set(key, messages))
+        await self.runtime.call(self._set(key, messages))
 
     def get_messages(self, key: str) -> list[ChatMessage]:
-        return self._run(self._get(key))
+        return self.runtime.call_sync(self._get(key))
 
     async def aget_messages(self, key: str) -> list[ChatMessage]:
-        return await self._arun(self._get(key))
+        return await self.runtime.call(self._get(key))
 
     def add_message(self, key: str, message: ChatMessage, idx: int | None = None) -> None:
         """Append ``message``, or insert it before position ``idx`` as ``list.insert`` does."""
-        self._run(self._add(key, message, idx))
+        self.runtime.call_sync(self._add(key, message, idx))
 
     async def async_add_message(self, key: str, message: ChatMessage, idx: int | None = None) -> None:
-        await self._arun(self._add(key, message, idx))
+        await self.runtime.call(self._add(key, message, idx))
 
     def delete_messages(self, key: str) -> list[ChatMessage] | None:
-        return self._run(self._delete_all(key))
+        return self.runtime.call_sync(self._delete_all(key))
 
     async def adelete_messages(self, key: str) -> list[ChatMessage] | None:
-        return await self._arun(self._delete_all(key))
+        return await self.runtime.call(self._delete_all(key))
 
     def delete_message(self, key: str, idx: int) -> ChatMessage | None:
-        return self._run(self._delete_at(key, idx))
+        return self.runtime.call_sync(self._delete_at(key, idx))
 
     async def adelete_message(self, key: str, idx: int) -> ChatMessage | None:
-        return await self._arun(self._delete_at(key, idx))
+        return await self.runtime.call(self._delete_at(key, idx))
 
     def delete_last_message(self, key: str) -> ChatMessage | None:
-        return self._run(self._delete_at(key, -1))
+        return self.runtime.call_sync(self._delete_at(key, -1))
 
     async def adelete_last_message(self, key: str) -> ChatMessage | None:
-        return await self._arun(self._delete_at(key, -1))
+        return await self.runtime.call(self._delete_at(key, -1))
 
     def get_keys(self) -> list[str]:
-        return self._run(self._keys())
+        return self.runtime.call_sync(self._keys())
 
     async def aget_keys(self) -> list[str]:
-        return await self._arun(self._keys())
+        return await self.runtime.call(self._keys())

@@ -9,30 +9,19 @@ session ids as :mod:`engram.llama_index.keys` describes. Serializable: a copy re
 
 from __future__ import annotations
 
-from typing import Any
-
 from llama_index.core.base.llms.types import ChatMessage
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.storage.chat_store.base_db import AsyncDBChatStore, MessageStatus
 
 from engram.history.store import HistoryStore
-from engram.llama_index._runtime import Reconnecting, StoreRuntime
+from engram.llama_index._runtime import ChatStoreFields
 from engram.llama_index.chat_store import keys_of
 from engram.llama_index.convert import to_chat_message, to_new_message
 from engram.llama_index.keys import label_for, session_id_for
-from engram.policy import MAX_MESSAGES_PER_SESSION, SESSION_TTL_SECONDS, Policy
+from engram.policy import MAX_MESSAGES_PER_SESSION
 
 
-class EngramDBChatStore(Reconnecting, AsyncDBChatStore):
-    redis_url: str = Field(description="Redis URL the store (re)connects to")
-    namespace: str = Field(default="engram", description="Engram key namespace")
-    tenant: str = Field(default="default", description="tenant (DNS label) the sessions belong to")
-    ttl: int = Field(
-        default=0,
-        ge=SESSION_TTL_SECONDS.minimum,
-        le=SESSION_TTL_SECONDS.maximum,
-        description="seconds an idle session lives; 0 = forever",
-    )
+class EngramDBChatStore(ChatStoreFields, AsyncDBChatStore):
     max_messages: int = Field(
         default=100_000,
         ge=MAX_MESSAGES_PER_SESSION.minimum,
@@ -40,24 +29,9 @@ class EngramDBChatStore(Reconnecting, AsyncDBChatStore):
         description="active messages beyond this are trimmed",
     )
 
-    _runtime: StoreRuntime | None = PrivateAttr(default=None)
-
-    def __init__(self, *, store: HistoryStore | None = None, **data: Any) -> None:
-        super().__init__(**self._connection_fields(store, data))
-        if store is not None:
-            self._runtime = StoreRuntime(store)
-
-    @classmethod
-    def from_url(cls, url: str, **data: Any) -> EngramDBChatStore:
-        return cls(redis_url=url, **data)
-
     @classmethod
     def class_name(cls) -> str:
         return "EngramDBChatStore"
-
-    @property
-    def policy(self) -> Policy:
-        return Policy(session_ttl_seconds=self.ttl, max_messages_per_session=self.max_messages)
 
     @property
     def _store(self) -> HistoryStore:

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engram.echo import echo_pieces, echo_reply
+from engram.echo import Message, echo_pieces, echo_reply
 from engram.server.config import check_llm_settings
 from engram.settings import Settings
 
@@ -24,15 +24,6 @@ from engram.settings import Settings
 # they answer (LlamaIndex adapters may write them), so they are given to the model as user text.
 _OPENAI_ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant"}
 _ANSWER_ALIASES = frozenset({"chatbot", "model"})
-
-
-class Message(Protocol):
-    """What a model reads of a message: stored messages are given to it as they are, not copied."""
-
-    @property
-    def role(self) -> str: ...
-    @property
-    def content(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +76,13 @@ class EchoModel:
 
 
 def openai_message(message: Message) -> dict[str, str]:
+    content = message.content or ""
     role = _OPENAI_ROLES.get(message.role)
     if role is not None:
-        return {"role": role, "content": message.content}
+        return {"role": role, "content": content}
     if message.role in _ANSWER_ALIASES:
-        return {"role": "assistant", "content": message.content}
-    return {"role": "user", "content": f"[{message.role} result] {message.content}"}
+        return {"role": "assistant", "content": content}
+    return {"role": "user", "content": f"[{message.role} result] {content}"}
 
 
 class OpenAICompatibleModel:

@@ -11,7 +11,6 @@ stored. ``Idempotency-Key`` is the turn id: a retry with it is answered once and
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Literal
 
@@ -112,49 +111,30 @@ def usage(result: TurnResult) -> dict[str, int]:
     }
 
 
+def _envelope(completion_id_: str, kind: str, model: str, created: int) -> dict[str, Any]:
+    return {"id": completion_id_, "object": kind, "created": created, "model": model}
+
+
 def completion(result: TurnResult, model: str, created: int) -> dict[str, Any]:
-    return {
-        "id": completion_id(result.turn_id),
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.reply, "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": usage(result),
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": result.reply, "refusal": None},
+        "logprobs": None,
+        "finish_reason": "stop",
     }
+    envelope = _envelope(completion_id(result.turn_id), "chat.completion", model, created)
+    return {**envelope, "choices": [choice], "usage": usage(result)}
 
 
 def chunk(chunk_id: str, model: str, created: int, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-    return {
-        "id": chunk_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {**_envelope(chunk_id, "chat.completion.chunk", model, created), "choices": [choice]}
 
 
 def usage_chunk(result: TurnResult, model: str, created: int) -> dict[str, Any]:
     """The last chunk when ``stream_options.include_usage``: no choices, the turn's usage."""
-    return {
-        "id": completion_id(result.turn_id),
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage(result),
-    }
-
-
-def sse_data(data: dict[str, Any] | str) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {text}\n\n".encode()
+    envelope = _envelope(completion_id(result.turn_id), "chat.completion.chunk", model, created)
+    return {**envelope, "choices": [], "usage": usage(result)}
 
 
 def models_list(model: str, created: int) -> dict[str, Any]:

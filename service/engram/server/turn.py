@@ -32,6 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from engram.echo import Message
 from engram.errors import EngramError, InvalidInput, MessageTooLarge, StoreFull, StoreUnavailable
 from engram.history.cache import drop_unanswerable_start, fit_budget
 from engram.history.store import HistoryStore, validate_turn_id
@@ -40,7 +41,7 @@ from engram.policy import Tenant
 from engram.redis_keys import validate_session_id
 from engram.server import metrics
 from engram.server.errors import ModelFailed, TurnIdReused, redact, summarize_model_error
-from engram.server.model import NO_OPTIONS, ChatModel, Message, ModelOptions, PromptMessage
+from engram.server.model import NO_OPTIONS, ChatModel, ModelOptions, PromptMessage
 
 log = logging.getLogger("engram.server")
 

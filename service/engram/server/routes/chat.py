@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +11,7 @@ from engram.errors import EngramError
 from engram.server.deps import TurnContextDep
 from engram.server.errors import error_content
 from engram.server.schemas import ERROR_RESPONSES, ChatReply, ChatRequest, ErrorBody
-from engram.server.streaming import TurnStreamingResponse
+from engram.server.streaming import TurnStreamingResponse, sse
 from engram.server.turn import Turn, TurnRequest, start_turn
 
 router = APIRouter(tags=["chat"])
@@ -29,20 +28,16 @@ CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def sse(event: str, data: dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
 async def _event_stream(turn: Turn) -> AsyncIterator[bytes]:
     """``token`` events (``{"text"}``), then ``done`` (the JSON reply's fields) or ``error`` (the error body)."""
     try:
         async for piece in turn.deltas():
-            yield sse("token", {"text": piece})
+            yield sse({"text": piece}, "token")
     except EngramError as error:
-        yield sse("error", error_content(error)[1])
+        yield sse(error_content(error)[1], "error")
         return
     assert turn.result is not None
-    yield sse("done", ChatReply.of(turn.result).model_dump())
+    yield sse(ChatReply.of(turn.result).model_dump(), "done")
 
 
 @router.post("/v1/chat", response_model=ChatReply, responses=CHAT_RESPONSES)

@@ -25,11 +25,10 @@ from engram.server.openai_api import (
     models_list,
     now,
     session_of,
-    sse_data,
     turn_request,
     usage_chunk,
 )
-from engram.server.streaming import TurnStreamingResponse
+from engram.server.streaming import TurnStreamingResponse, sse
 from engram.server.turn import NullMemory, Turn, start_turn
 
 router = APIRouter(tags=["openai"])
@@ -77,17 +76,17 @@ async def _chunks(turn: Turn, model: str, created: int, include_usage: bool) -> 
     """OpenAI's stream: a role chunk, a chunk per piece, a finish chunk, the usage chunk if asked, [DONE].
     An error after the first piece is one ``data: {"error": ...}`` event (the SDKs raise it)."""
     chunk_id = completion_id(turn.turn.turn_id)
-    yield sse_data(chunk(chunk_id, model, created, {"role": "assistant", "content": ""}, None))
+    yield sse(chunk(chunk_id, model, created, {"role": "assistant", "content": ""}, None))
     try:
         async for piece in turn.deltas():
-            yield sse_data(chunk(chunk_id, model, created, {"content": piece}, None))
+            yield sse(chunk(chunk_id, model, created, {"content": piece}, None))
     except EngramError as error:
-        yield sse_data(error_content(error, PATH)[1])
+        yield sse(error_content(error, PATH)[1])
         return
-    yield sse_data(chunk(chunk_id, model, created, {}, "stop"))
+    yield sse(chunk(chunk_id, model, created, {}, "stop"))
     if include_usage and turn.result is not None:
-        yield sse_data(usage_chunk(turn.result, model, created))
-    yield sse_data("[DONE]")
+        yield sse(usage_chunk(turn.result, model, created))
+    yield sse("[DONE]")
 
 
 @router.post(PATH, responses=COMPLETION_RESPONSES)
