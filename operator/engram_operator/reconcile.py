@@ -28,6 +28,7 @@ from engram.tenancy.provision import (
     ensure_tenant,
     record_for,
     remove_tenant,
+    tenant_usage,
 )
 from engram_operator.resource import InvalidSpec, owner_id, spec_from_body, tenant_of
 from engram_operator.secrets import SecretConflict, delete_secret, ensure_secret
@@ -151,6 +152,8 @@ async def _reconcile(rt: Runtime, body: Mapping[str, Any]) -> Outcome:
         record = record_for(rt.keys, spec, secret.credentials, owner_id(meta["namespace"], meta["name"]))
         changes = secret.changes + await ensure_tenant(rt.nodes, rt.keys, record)
         identity["sessions"] = await count_sessions(rt.nodes.primary, rt.keys, spec.tenant)
+        usage = await tenant_usage(rt.nodes.primary, rt.keys, spec.tenant)
+        identity["usage"] = {"sessions": usage.sessions, "storedBytes": usage.stored_bytes}
     except (SecretConflict, TenantConflict) as error:
         # The tenant is not ours: status.tenant would mark it as established (see TenantImmutable above).
         reason = "SecretConflict" if isinstance(error, SecretConflict) else "TenantConflict"

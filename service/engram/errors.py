@@ -5,12 +5,18 @@ The tree::
     EngramError
     ├── InvalidInput                  the caller sent something we refuse; nothing was written
     │   ├── InvalidSessionId
+    │   ├── InvalidSubject            an end-user (subject) id we cannot key by
+    │   ├── SubjectMismatch           a turn names another subject than its session has
     │   ├── InvalidTenant
     │   ├── InvalidPolicy             a tenant memory policy field out of its bounds
     │   ├── InvalidMessage            empty content, unknown role, ...
     │   ├── MessageTooLarge
     │   └── InvalidCursor
     ├── NotFound                      the session (or message) does not exist
+    ├── RateLimited                   the tenant is over its request rate; retry after ``retry_after``
+    ├── QuotaExceeded                 the tenant is at a quota; nothing was written
+    │   ├── SessionQuotaExceeded      a new session over ``max_sessions``
+    │   └── StorageQuotaExceeded      messages over ``max_stored_bytes``
     ├── StoreFull                     Redis is at maxmemory and refuses writes; nothing was written
     └── StoreUnavailable              Redis could not be reached or timed out; nothing was written
         ├── StoreReadOnly             Redis refuses writes for now (read-only replica, NOREPLICAS, MISCONF)
@@ -32,6 +38,16 @@ class InvalidInput(EngramError, ValueError):
 
 class InvalidSessionId(InvalidInput):
     code = "invalid_session_id"
+
+
+class InvalidSubject(InvalidInput):
+    code = "invalid_subject"
+
+
+class SubjectMismatch(InvalidInput):
+    """A turn names a subject other than the one its session belongs to (a session has one subject)."""
+
+    code = "subject_mismatch"
 
 
 class InvalidTenant(InvalidInput):
@@ -58,6 +74,31 @@ class InvalidCursor(InvalidInput):
 
 class NotFound(EngramError, LookupError):
     code = "not_found"
+
+
+class RateLimited(EngramError):
+    """The tenant sent more requests than its ``requests_per_second`` (plus ``burst``) allows."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # seconds until a request would be accepted
+
+
+class QuotaExceeded(EngramError):
+    """The tenant is at one of its quotas; nothing was written. Retrying does not help until it has
+    less (sessions deleted or expired) or its quota is raised."""
+
+    code = "quota_exceeded"
+
+
+class SessionQuotaExceeded(QuotaExceeded):
+    code = "session_quota_exceeded"
+
+
+class StorageQuotaExceeded(QuotaExceeded):
+    code = "storage_quota_exceeded"
 
 
 class StoreUnavailable(EngramError, ConnectionError):

@@ -58,13 +58,23 @@ class Window:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """What a tenant stores, as its quotas count it."""
+
+    stored_bytes: int  # role, content and extra of every message, archived ones included
+    sessions: int
+
+
+@dataclass(frozen=True, slots=True)
 class CommittedTurn:
     """What a commit stored. ``duplicate`` is True when the turn id was already committed: the
-    messages are then the ones stored the first time and nothing new was written."""
+    messages are then the ones stored the first time and nothing new was written. ``usage`` is the
+    tenant's after this commit (None for a duplicate)."""
 
     turn_id: str
     messages: list[StoredMessage]
     duplicate: bool = False
+    usage: Usage | None = None
 
     @property
     def reply(self) -> str:

@@ -71,7 +71,53 @@ MAX_MESSAGES_PER_SESSION = PolicyField(
     maximum=10_000_000,
     description="The oldest messages of a session are trimmed beyond this count.",
 )
-POLICY_FIELDS: tuple[PolicyField, ...] = (TOKEN_LIMIT, SESSION_TTL_SECONDS, MAX_MESSAGES_PER_SESSION)
+# Quotas (0 = no limit). Enforced in Redis, inside the calls a turn makes anyway (docs/design.md, "Quotas").
+MAX_SESSIONS = PolicyField(
+    name="max_sessions",
+    crd_name="maxSessions",
+    cli_flag="--max-sessions",
+    default=0,
+    minimum=0,
+    maximum=1_000_000_000,
+    description="Live sessions the tenant may have; a turn that would start one more is refused (403). 0: no limit.",
+)
+MAX_STORED_BYTES = PolicyField(
+    name="max_stored_bytes",
+    crd_name="maxStoredBytes",
+    cli_flag="--max-stored-bytes",
+    default=0,
+    minimum=0,
+    maximum=2**50,
+    description=(
+        "Bytes of messages (role, content, extra) the tenant may store; a turn that would go over is refused "
+        "(403). 0: no limit."
+    ),
+)
+REQUESTS_PER_SECOND = PolicyField(
+    name="requests_per_second",
+    crd_name="requestsPerSecond",
+    cli_flag="--requests-per-second",
+    default=0,
+    minimum=0,
+    maximum=1_000_000,
+    description="Sustained requests per second of the tenant, over all replicas; above it 429. 0: no limit.",
+)
+BURST = PolicyField(
+    name="burst",
+    crd_name="burst",
+    cli_flag="--burst",
+    default=0,
+    minimum=0,
+    maximum=1_000_000,
+    description="Requests the tenant may send at once above its rate; 0: one second's worth (requestsPerSecond).",
+)
+QUOTA_FIELDS: tuple[PolicyField, ...] = (MAX_SESSIONS, MAX_STORED_BYTES, REQUESTS_PER_SECOND, BURST)
+POLICY_FIELDS: tuple[PolicyField, ...] = (
+    TOKEN_LIMIT,
+    SESSION_TTL_SECONDS,
+    MAX_MESSAGES_PER_SESSION,
+    *QUOTA_FIELDS,
+)
 
 
 Retention = Literal["Delete", "Retain"]
@@ -115,6 +161,15 @@ class Policy:
     token_limit: int = TOKEN_LIMIT.default
     session_ttl_seconds: int = SESSION_TTL_SECONDS.default  # 0 = never expire
     max_messages_per_session: int = MAX_MESSAGES_PER_SESSION.default
+    max_sessions: int = MAX_SESSIONS.default  # 0 = no limit
+    max_stored_bytes: int = MAX_STORED_BYTES.default  # 0 = no limit
+    requests_per_second: int = REQUESTS_PER_SECOND.default  # 0 = no limit
+    burst: int = BURST.default  # 0 = requests_per_second
+
+    @property
+    def effective_burst(self) -> int:
+        """Requests allowed at once: ``burst``, or one second's worth when it is 0."""
+        return self.burst or max(1, self.requests_per_second)
 
     def __post_init__(self) -> None:
         for spec in POLICY_FIELDS:

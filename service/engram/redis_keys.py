@@ -7,6 +7,10 @@ Layout (``engram`` is the configurable namespace, ``acme`` a tenant, ``s1`` a se
     engram:acme:{acme:s1}:turns    hash     turn_id -> "<user msg id> <assistant msg id>" (idempotency)
     engram:acme:{acme:s1}:archive  stream   messages LlamaIndex's Memory archived (moved out of the log)
     engram:acme:sessions           zset     session_id scored by last update (ms): the tenant's session index
+    engram:acme:usage              hash     session_id -> bytes of its messages; ":bytes" -> the tenant's total
+    engram:acme:expiry             zset     session_id -> ms its keys expire ("inf": no TTL); its size = sessions
+    engram:acme:rate               hash     the tenant's request rate state (tat: GCRA theoretical arrival, ms)
+    engram:acme:subject:u-7        set      session ids of one subject (end user), for erasure by subject
     engram:_sys:tenant:acme        hash     tenant registry record (policy, API-key hash) - NOT tenant-writable
     engram:_sys:tenants            set      names of registered tenants
 
@@ -26,12 +30,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engram.errors import InvalidInput, InvalidSessionId, InvalidTenant
+from engram.errors import InvalidInput, InvalidSessionId, InvalidSubject, InvalidTenant
 
 DEFAULT_NAMESPACE = "engram"
 SYSTEM_SEGMENT = "_sys"
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SUBJECT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+:-]{0,127}")
 # RFC 1123 DNS label, as Kubernetes names are.
 TENANT_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 NAMESPACE_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -50,6 +55,13 @@ def validate_session_id(session_id: object) -> str:
     return matching(session_id, SESSION_ID_PATTERN, InvalidSessionId, "session id", expected)
 
 
+def validate_subject_id(subject: object) -> str:
+    """Return ``subject`` (an end user's id given by the client) if valid, else raise :class:`InvalidSubject`.
+    E-mail-like ids are allowed; braces, globs and whitespace are not (they would reach key names)."""
+    expected = "1-128 characters of [A-Za-z0-9._@+:-], starting with a letter or digit"
+    return matching(subject, SUBJECT_ID_PATTERN, InvalidSubject, "subject id", expected)
+
+
 def validate_tenant(tenant: object) -> str:
     """Return ``tenant`` if it is a DNS label (lowercase, digits, '-', at most 63), else raise."""
     expected = "a DNS label (1-63 of [a-z0-9-], starting and ending with a letter or digit)"
@@ -66,10 +78,17 @@ class SessionKeys:
     archive: str
     index: str  # the tenant's session index (different slot)
     session_id: str
+    usage: str  # the tenant's usage hash and expiry zset (quotas; different slot)
+    expiry: str
+    rate: str  # the tenant's request rate (different slot)
 
     def session_keys(self) -> tuple[str, str, str, str]:
         """The keys that belong to the session itself (deleted with it)."""
         return (self.log, self.meta, self.turns, self.archive)
+
+    def function_keys(self) -> tuple[str, ...]:
+        """The KEYS of the library's functions that change a session, in their order (engram.lua)."""
+        return (self.log, self.meta, self.turns, self.index, self.archive, self.usage, self.expiry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +118,19 @@ class KeySpace:
     def session_index(self, tenant: str) -> str:
         return f"{self.tenant_prefix(tenant)}sessions"
 
+    def usage(self, tenant: str) -> str:
+        return f"{self.tenant_prefix(tenant)}usage"
+
+    def session_expiry(self, tenant: str) -> str:
+        return f"{self.tenant_prefix(tenant)}expiry"
+
+    def rate(self, tenant: str) -> str:
+        return f"{self.tenant_prefix(tenant)}rate"
+
+    def subject(self, tenant: str, subject: str) -> str:
+        """The set of a subject's (an end user's) session ids."""
+        return f"{self.tenant_prefix(tenant)}subject:{validate_subject_id(subject)}"
+
     def session(self, tenant: str, session_id: str) -> SessionKeys:
         prefix = self.tenant_prefix(tenant)
         tag = f"{{{tenant}:{validate_session_id(session_id)}}}"
@@ -110,6 +142,9 @@ class KeySpace:
             archive=f"{base}:archive",
             index=self.session_index(tenant),
             session_id=session_id,
+            usage=self.usage(tenant),
+            expiry=self.session_expiry(tenant),
+            rate=self.rate(tenant),
         )
 
     def session_id_of(self, tenant: str, key: str) -> str | None:

@@ -12,7 +12,16 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engram.policy import MAX_MESSAGES_PER_SESSION, SESSION_TTL_SECONDS, TOKEN_LIMIT, PolicyField
+from engram.policy import (
+    BURST,
+    MAX_MESSAGES_PER_SESSION,
+    MAX_SESSIONS,
+    MAX_STORED_BYTES,
+    REQUESTS_PER_SECOND,
+    SESSION_TTL_SECONDS,
+    TOKEN_LIMIT,
+    PolicyField,
+)
 from engram.redis_keys import NAMESPACE_PATTERN
 
 
@@ -51,6 +60,10 @@ class Settings(BaseSettings):
     token_limit: Annotated[int, _bounds(TOKEN_LIMIT)] = TOKEN_LIMIT.default
     session_ttl_seconds: Annotated[int, _bounds(SESSION_TTL_SECONDS)] = SESSION_TTL_SECONDS.default
     max_messages_per_session: Annotated[int, _bounds(MAX_MESSAGES_PER_SESSION)] = MAX_MESSAGES_PER_SESSION.default
+    max_sessions: Annotated[int, _bounds(MAX_SESSIONS)] = MAX_SESSIONS.default
+    max_stored_bytes: Annotated[int, _bounds(MAX_STORED_BYTES)] = MAX_STORED_BYTES.default
+    requests_per_second: Annotated[int, _bounds(REQUESTS_PER_SECOND)] = REQUESTS_PER_SECOND.default
+    burst: Annotated[int, _bounds(BURST)] = BURST.default
     max_message_bytes: int = Field(32 * 1024, ge=1, le=16 * 1024 * 1024, description="UTF-8 bytes per message")
     cache_sessions: int = Field(10_000, ge=0, description="session tails kept per process (0 = no cache)")
     memory: Literal["on", "off"] = Field(

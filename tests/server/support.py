@@ -6,6 +6,7 @@ the workers of a ``--workers`` replica. Readiness is polled, never slept for.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -17,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
+from engram.policy import Policy
+from engram.redis_keys import KeySpace
+from engram.tenancy.provision import Credentials, TenantSpec, record_for
 from testkit.redis_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,3 +146,36 @@ def metric(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
     """Sum of the samples of ``name`` whose labels include ``labels``."""
     wanted = set(labels.items())
     return sum(value for (n, lbl), value in samples.items() if n == name and wanted <= lbl)
+
+
+def register_tenant(redis_url: str, tenant: str, policy: Policy | None = None, api_key: str | None = None) -> str:
+    """Write a tenant's registry record as the operator or `engram tenant` would (again, with ``api_key``,
+    to change its policy); return its API key."""
+    credentials = Credentials.generate(tenant)
+    if api_key is not None:
+        credentials = dataclasses.replace(credentials, api_key=api_key)
+    keys = KeySpace()
+    spec = TenantSpec(tenant, policy or Policy(token_limit=500))
+    record = record_for(keys, spec, credentials, owner="cli")
+    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
+        client.hset(keys.tenant_record(tenant), mapping=record.content())
+        client.sadd(keys.tenant_set(), tenant)
+    return credentials.api_key
+
+
+def process_group_rss(pid: int) -> int:
+    """Resident bytes of every process in ``pid``'s process group (a replica and its workers)."""
+    group = os.getpgid(pid)
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != group:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+    return total

@@ -11,16 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from engram.history.store import HistoryStore
-from engram.policy import Policy
-from engram.redis_keys import KeySpace
-from engram.tenancy.provision import Credentials, TenantSpec, record_for
 from testkit.redis_server import RedisServer, free_port
 from tests.server.conftest import MakeService
-from tests.server.support import ServiceProcess, chat, metric, scrape, service_env
+from tests.server.support import ServiceProcess, chat, metric, register_tenant, scrape, service_env
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, str]:
@@ -32,17 +28,6 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
     if code is not None:
         assert error["code"] == code, error
     return error
-
-
-def register_tenant(redis_url: str, tenant: str) -> str:
-    """Write a tenant's registry record as the operator or `engram tenant` would; return its API key."""
-    credentials = Credentials.generate(tenant)
-    keys = KeySpace()
-    record = record_for(keys, TenantSpec(tenant, Policy(token_limit=500)), credentials, owner="cli")
-    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
-        client.hset(keys.tenant_record(tenant), mapping=record.content())
-        client.sadd(keys.tenant_set(), tenant)
-    return credentials.api_key
 
 
 # --- a service with auth required and a model that cannot be reached ---------------------------------------

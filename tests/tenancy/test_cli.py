@@ -152,6 +152,11 @@ def test_list_shows_tenants_with_their_policy(capsys: pytest.CaptureFixture[str]
         "RETENTION",
         "OWNER",
         "SESSIONS",
+        "MAX_SESSIONS",
+        "STORED_BYTES",
+        "MAX_BYTES",
+        "RPS",
+        "BURST",
     ]
     assert [line.split()[0] for line in lines[1:]] == ["acme", "beta"]
     assert lines[2].split()[2] == "0"

@@ -1,8 +1,11 @@
-#!lua name=engram_v3
+#!lua name=engram_v4
 -- Engram's Redis Functions. Loaded once per primary (FUNCTION LOAD REPLACE) by the operator, the CLI or
 -- the store itself when its user may; tenants' Redis users may only FCALL them (no EVAL, no SCRIPT).
--- Every function takes the keys of ONE session (one hash tag), plus the tenant's session index where noted
--- (prune_index takes the index and several sessions' logs: see docs/design.md on Redis Cluster).
+-- Every function takes the keys of ONE session (one hash tag), plus the tenant's own keys where noted: the
+-- session index, the usage hash and expiry zset (quotas), the rate key, a subject's session set (see
+-- docs/design.md on Redis Cluster). Functions that change a session's messages take the SESSION KEYS, in
+-- this order: log, meta, turns, index, archive, usage, expiry (and, for commit and delete_session, the
+-- subject's set as an optional 8th).
 -- Any change to this file must rename the library (engram_vN) and its functions: ensure_library REPLACEs
 -- a library of the same name whose code differs, so two releases sharing a name would keep swapping it.
 -- Stream entry fields: role, content, tokens (counted once, at write time), turn (optional), extra (optional).
@@ -39,25 +42,117 @@ local function new_epoch(meta)
   return candidate
 end
 
-local function apply_ttl(keys, ttl)
-  for i = 1, #keys do
-    if i ~= 4 then  -- keys[4] is the tenant's session index: it never expires
-      if ttl > 0 then redis.call('EXPIRE', keys[i], ttl) else redis.call('PERSIST', keys[i]) end
-    end
+-- Tenant usage, for quotas. usage (hash): session id -> bytes of its messages (role, content and extra of
+-- the log and the archive), and TOTAL -> the tenant's sum. expiry (zset): session id -> the ms at which
+-- its keys expire ('inf' without TTL); its size is the tenant's session count. Expired sessions leave
+-- both when a later call sweeps them (sweep_expired), so no reader needs keyspace notifications.
+local TOTAL = ':bytes'  -- never a session id: ids start with a letter or digit
+
+local function entry_bytes(fields)
+  return #(field(fields, 'role') or '') + #(field(fields, 'content') or '') + #(field(fields, 'extra') or '')
+end
+
+local function entries_bytes(entries)
+  local n = 0
+  for i = 1, #entries do n = n + entry_bytes(entries[i][2]) end
+  return n
+end
+
+local function stream_bytes(stream)
+  local n, lower, chunk = 0, '-', 256
+  while true do
+    local batch = redis.call('XRANGE', stream, lower, '+', 'COUNT', chunk)
+    n = n + entries_bytes(batch)
+    if #batch < chunk then return n end
+    lower = '(' .. batch[#batch][1]
+  end
+end
+
+local function add_usage(usage, session_id, delta)
+  if delta ~= 0 then
+    redis.call('HINCRBY', usage, session_id, delta)
+    redis.call('HINCRBY', usage, TOTAL, delta)
+  end
+end
+
+local function forget_usage(usage, expiry, session_id)
+  local counted = redis.call('HGET', usage, session_id)
+  if counted then
+    redis.call('HINCRBY', usage, TOTAL, -tonumber(counted))
+    redis.call('HDEL', usage, session_id)
+  end
+  redis.call('ZREM', expiry, session_id)
+end
+
+-- Make sure the session's bytes are counted: a session stored before usage was counted is read once.
+local function track_usage(keys, session_id)
+  if redis.call('HEXISTS', keys[6], session_id) == 1 then return end
+  add_usage(keys[6], session_id, stream_bytes(keys[1]) + stream_bytes(keys[5]))
+  redis.call('HSETNX', keys[6], session_id, 0)
+end
+
+-- Sessions whose keys expired (a second ago or more, clear of clock jitter) leave the tenant's usage.
+-- At most `limit` per call: a turn's cost stays bounded; the usage function sweeps them all.
+local function sweep_expired(usage, expiry, now, limit)
+  local gone = redis.call('ZRANGE', expiry, '-inf', now - 1000, 'BYSCORE', 'LIMIT', 0, limit)
+  for i = 1, #gone do forget_usage(usage, expiry, gone[i]) end
+  return #gone
+end
+
+-- The session's own keys (log, meta, turns, archive) get the TTL, and expiry records when they go.
+local function apply_ttl(keys, session_id, ttl, now)
+  for _, i in ipairs({ 1, 2, 3, 5 }) do
+    if ttl > 0 then redis.call('EXPIRE', keys[i], ttl) else redis.call('PERSIST', keys[i]) end
+  end
+  if ttl > 0 then redis.call('ZADD', keys[7], now + ttl * 1000, session_id)
+  else redis.call('ZADD', keys[7], 'inf', session_id) end
+end
+
+-- GCRA over the tenant's rate key: `burst` requests at once, then `rate` per second. Returns 0 when this
+-- request is allowed (and counts it), else how many ms until one would be (and counts nothing).
+local function take_rate(key, rate, burst, now)
+  if rate <= 0 then return 0 end
+  local interval = 1000 / rate
+  local tat = tonumber(redis.call('HGET', key, 'tat') or now) or now
+  if tat < now then tat = now end
+  local next_tat = tat + interval
+  local allowed_at = next_tat - math.max(burst, 1) * interval
+  if allowed_at > now then return math.max(1, math.ceil(allowed_at - now)) end
+  redis.call('HSET', key, 'tat', string.format('%.3f', next_tat))
+  redis.call('EXPIRE', key, math.ceil((next_tat - now) / 1000) + 1)
+  return 0
+end
+
+local function rate_limited(wait_ms)
+  return redis.error_reply('ENGRAM_RATE ' .. wait_ms)
+end
+
+-- A subject's set lists its sessions; it expires with the last of them (every session of a tenant has
+-- the same TTL, so the newest commit's TTL is the latest).
+local function link_subject(keys, session_id, subject, ttl)
+  if subject == '' then return end
+  redis.call('HSET', keys[2], 'subject', subject)
+  redis.call('SADD', keys[8], session_id)
+  if ttl > 0 then
+    if redis.call('TTL', keys[8]) < ttl then redis.call('EXPIRE', keys[8], ttl) end
+  else
+    redis.call('PERSIST', keys[8])
   end
 end
 
 -- Trim to max messages; forget the turn ids of trimmed messages so the idempotency map stays bounded.
+-- Returns the bytes trimmed.
 local function apply_retention(log, turns, max)
-  if max <= 0 then return end
+  if max <= 0 then return 0 end
   local len = redis.call('XLEN', log)
-  if len <= max then return end
+  if len <= max then return 0 end
   local old = redis.call('XRANGE', log, '-', '+', 'COUNT', len - max)
   for i = 1, #old do
     local turn = field(old[i][2], 'turn')
     if turn then redis.call('HDEL', turns, turn) end
   end
   redis.call('XTRIM', log, 'MAXLEN', max)
+  return entries_bytes(old)
 end
 
 local function append_messages(log, args, first, count, turn_id)
@@ -81,11 +176,15 @@ local function set_label(meta, label)
   if label ~= '' then redis.call('HSET', meta, 'key', label) end
 end
 
--- load_window: KEYS log, meta, turns. ARGV cached_epoch, after_id, token_budget, max_count, turn_id.
--- Returns {epoch, first_id, complete, replay, entries newest-first}. Reads only the entries newer than
--- after_id (when the cached epoch still holds) that fit the budget: never the whole session.
+-- load_window: KEYS log, meta, turns, rate. ARGV cached_epoch, after_id, token_budget, max_count, turn_id,
+-- rate, burst. Returns {epoch, first_id, complete, replay, entries newest-first}. Reads only the entries
+-- newer than after_id (when the cached epoch still holds) that fit the budget: never the whole session.
+-- With rate > 0 the tenant's request rate is checked (and counted) first: over it, the error
+-- 'ENGRAM_RATE <ms to wait>' and nothing read.
 local function load_window(keys, args)
   local log, meta, turns = keys[1], keys[2], keys[3]
+  local wait = take_rate(keys[4], tonumber(args[6]), tonumber(args[7]), now_ms())
+  if wait > 0 then return rate_limited(wait) end
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then return { '', '', 1, {}, {} } end
   local replay = {}
@@ -117,21 +216,46 @@ local function load_window(keys, args)
   return { epoch, first_id, complete, replay, out }
 end
 
--- commit: KEYS log, meta, turns, index. ARGV turn_id, ttl, max_messages, session_id, label, count,
--- then count x (role, content, tokens, extra). label ('' = none) is the LlamaIndex key the session id
--- stands for, kept in meta when the id cannot be decoded back into it (see llama_index/keys.py). All messages are appended adjacently in one atomic call.
--- Returns {duplicate(0|1), epoch, entries, previous_id}; a known turn_id returns what was stored the
--- first time. previous_id (the newest id before this commit) lets a cache that held exactly that tail
--- extend itself, so the committing process's next load is a hit.
+-- commit: SESSION KEYS (+ the subject's set when subject is given). ARGV turn_id, ttl, max_messages,
+-- session_id, label, max_sessions, max_bytes, subject, count, then count x (role, content, tokens, extra).
+-- label ('' = none) is the LlamaIndex key the session id stands for, kept in meta when the id cannot be
+-- decoded back into it (see llama_index/keys.py). All messages are appended adjacently in one atomic call.
+-- Returns {duplicate(0|1), epoch, entries, previous_id, tenant_bytes, tenant_sessions}; a known turn_id
+-- returns what was stored the first time. previous_id (the newest id before this commit) lets a cache
+-- that held exactly that tail extend itself, so the committing process's next load is a hit.
+-- Refused before anything is written: 'ENGRAM_QUOTA sessions <max>' (a new session over max_sessions),
+-- 'ENGRAM_QUOTA bytes <max> <used>' (the messages would take the tenant over max_bytes; 0 = no limit),
+-- 'ENGRAM_SUBJECT <subject>' (the session belongs to another subject).
 local function commit(keys, args)
-  local log, meta, turns, index = keys[1], keys[2], keys[3], keys[4]
-  local turn_id = args[1]
+  local log, meta, turns, index, usage, expiry = keys[1], keys[2], keys[3], keys[4], keys[6], keys[7]
+  local turn_id, session_id, subject = args[1], args[4], args[8]
   if turn_id ~= '' then
     local ids = redis.call('HGET', turns, turn_id)
     if ids then return { 1, redis.call('HGET', meta, 'epoch') or '', entries_by_ids(log, ids) } end
   end
-  local epoch = redis.call('HGET', meta, 'epoch')
   local now = now_ms()
+  sweep_expired(usage, expiry, now, 16)
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if epoch and subject ~= '' then
+    local owner = redis.call('HGET', meta, 'subject')
+    if owner and owner ~= subject then return redis.error_reply('ENGRAM_SUBJECT ' .. owner) end
+  end
+  local count = tonumber(args[9])
+  local added = 0
+  for i = 0, count - 1 do added = added + #args[10 + i * 4] + #args[11 + i * 4] + #args[13 + i * 4] end
+  local max_sessions, max_bytes = tonumber(args[6]), tonumber(args[7])
+  if epoch then
+    track_usage(keys, session_id)
+  else  -- a new session (or one that expired): what was counted for its id is gone
+    forget_usage(usage, expiry, session_id)
+    if max_sessions > 0 and redis.call('ZCARD', expiry) >= max_sessions then
+      return redis.error_reply('ENGRAM_QUOTA sessions ' .. max_sessions)
+    end
+  end
+  local used = tonumber(redis.call('HGET', usage, TOTAL) or 0)
+  if max_bytes > 0 and used + added > max_bytes then
+    return redis.error_reply('ENGRAM_QUOTA bytes ' .. max_bytes .. ' ' .. used)
+  end
   if not epoch then
     epoch = new_epoch(meta)
     redis.call('HSET', meta, 'created', now)
@@ -140,19 +264,33 @@ local function commit(keys, args)
   set_label(meta, args[5])
   local before = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
   local previous_id = before[1] and before[1][1] or ''
-  local entries = append_messages(log, args, 7, tonumber(args[6]), turn_id)
+  local entries = append_messages(log, args, 10, count, turn_id)
   if turn_id ~= '' then
     local ids = {}
     for i = 1, #entries do ids[i] = entries[i][1] end
     redis.call('HSET', turns, turn_id, table.concat(ids, ' '))
   end
-  apply_retention(log, turns, tonumber(args[3]))
-  apply_ttl(keys, tonumber(args[2]))
-  redis.call('ZADD', index, 0, args[4])
-  return { 0, epoch, entries, previous_id }
+  add_usage(usage, session_id, added - apply_retention(log, turns, tonumber(args[3])))
+  local ttl = tonumber(args[2])
+  apply_ttl(keys, session_id, ttl, now)
+  link_subject(keys, session_id, subject, ttl)
+  redis.call('ZADD', index, 0, session_id)
+  return { 0, epoch, entries, previous_id, tonumber(redis.call('HGET', usage, TOTAL) or 0), redis.call('ZCARD', expiry) }
 end
 
--- replace: KEYS log, meta, turns, index. ARGV ttl, max_messages, session_id, label, count, messages...
+-- Recount the session's bytes after a rewrite (O(its messages), as the rewrite itself is).
+local function recount_usage(keys, session_id)
+  local n = stream_bytes(keys[1]) + stream_bytes(keys[5])
+  if n == 0 and redis.call('EXISTS', keys[2]) == 0 then
+    forget_usage(keys[6], keys[7], session_id)
+    return
+  end
+  local counted = tonumber(redis.call('HGET', keys[6], session_id) or 0)
+  add_usage(keys[6], session_id, n - counted)
+  redis.call('HSETNX', keys[6], session_id, 0)
+end
+
+-- replace: SESSION KEYS. ARGV ttl, max_messages, session_id, label, count, messages...
 -- Atomically swaps the session's whole history (LlamaIndex set_messages). Zero messages = delete.
 local function replace(keys, args)
   local log, meta, turns, index = keys[1], keys[2], keys[3], keys[4]
@@ -161,6 +299,7 @@ local function replace(keys, args)
   if count == 0 then
     redis.call('DEL', meta)
     redis.call('ZREM', index, args[3])
+    recount_usage(keys, args[3])
     return { '', {} }
   end
   local epoch = new_epoch(meta)
@@ -170,12 +309,13 @@ local function replace(keys, args)
   set_label(meta, args[4])
   local entries = append_messages(log, args, 6, count, '')
   apply_retention(log, turns, tonumber(args[2]))
-  apply_ttl(keys, tonumber(args[1]))
+  apply_ttl(keys, args[3], tonumber(args[1]), now)
+  recount_usage(keys, args[3])
   redis.call('ZADD', index, 0, args[3])
   return { epoch, entries }
 end
 
--- delete_at: KEYS log, meta. ARGV position (0-based; negative counts from the newest, -1 = last).
+-- delete_at: SESSION KEYS. ARGV position (0-based; negative counts from the newest, -1 = last), session_id.
 -- Removes one message, keeps the order and TTL of the rest, and changes the epoch so caches reload.
 local function delete_at(keys, args)
   local log, meta = keys[1], keys[2]
@@ -189,22 +329,25 @@ local function delete_at(keys, args)
     found = found[-position]
   end
   if not found then return {} end
+  track_usage(keys, args[2])
   redis.call('XDEL', log, found[1])
+  add_usage(keys[6], args[2], -entry_bytes(found[2]))
   new_epoch(meta)
   return { found }
 end
 
--- insert_at: KEYS log, meta, turns, index, archive. ARGV position, ttl, max_messages, session_id, label,
--- role, content, tokens, extra. Inserts one message before the one at position, as Python's
--- list.insert does (negative counts from the end; out of range clamps to either end). A stream only
--- appends, so the messages from position on are re-added after the new one (their ids change: new
--- epoch, and their turns map to the new ids). Costs O(messages after position).
+-- insert_at: SESSION KEYS. ARGV position, ttl, max_messages, session_id, label, role, content, tokens,
+-- extra. Inserts one message before the one at position, as Python's list.insert does (negative counts
+-- from the end; out of range clamps to either end). A stream only appends, so the messages from position
+-- on are re-added after the new one (their ids change: new epoch, and their turns map to the new ids).
+-- Costs O(messages after position).
 local function insert_at(keys, args)
   local log, meta, turns, index = keys[1], keys[2], keys[3], keys[4]
   local len = redis.call('XLEN', log)
   local position = tonumber(args[1])
   if position < 0 then position = math.max(0, len + position) end
   if position > len then position = len end
+  track_usage(keys, args[4])
   local tail = {}
   if position < len then tail = redis.call('XREVRANGE', log, '+', '-', 'COUNT', len - position) end
   for i = 1, #tail do redis.call('XDEL', log, tail[i][1]) end
@@ -213,6 +356,7 @@ local function insert_at(keys, args)
   redis.call('HSET', meta, 'updated', now)
   set_label(meta, args[5])
   local entries = append_messages(log, args, 6, 1, '')
+  local added = entries_bytes(entries)
   local renamed = {}
   for i = #tail, 1, -1 do  -- oldest first
     local id = redis.call('XADD', log, '*', unpack(tail[i][2]))
@@ -229,16 +373,21 @@ local function insert_at(keys, args)
     end
   end
   if #tail > 0 or not redis.call('HGET', meta, 'epoch') then new_epoch(meta) end
-  apply_retention(log, turns, tonumber(args[3]))
-  apply_ttl(keys, tonumber(args[2]))
+  add_usage(keys[6], args[4], added - apply_retention(log, turns, tonumber(args[3])))
+  apply_ttl(keys, args[4], tonumber(args[2]), now)
   redis.call('ZADD', index, 0, args[4])
   return entries
 end
 
--- delete_session: KEYS log, meta, turns, index, archive. ARGV session_id. 1 when something was deleted.
+-- delete_session: SESSION KEYS (+ the subject's set, when the session has a subject). ARGV session_id.
+-- Removes everything of the session: its keys, its index entry, its usage and its subject link.
+-- 1 when something was deleted.
 local function delete_session(keys, args)
+  local session_id = args[1]
   local existed = redis.call('DEL', keys[1], keys[2], keys[3], keys[5])
-  local indexed = redis.call('ZREM', keys[4], args[1])
+  local indexed = redis.call('ZREM', keys[4], session_id)
+  forget_usage(keys[6], keys[7], session_id)
+  if keys[8] then redis.call('SREM', keys[8], session_id) end
   if existed + indexed > 0 then return 1 end
   return 0
 end
@@ -254,13 +403,14 @@ local function prune_index(keys, args)
   return removed
 end
 
--- take_oldest: KEYS log, archive. ARGV n, mode ('archive' moves them to the archive stream keeping
--- their ids, 'delete' drops them). Returns the entries taken. Caches need no new epoch: they drop
+-- take_oldest: SESSION KEYS. ARGV n, mode ('archive' moves them to the archive stream keeping their ids,
+-- 'delete' drops them), session_id. Returns the entries taken. Caches need no new epoch: they drop
 -- messages older than the log's first id, as after a retention trim.
 local function take_oldest(keys, args)
-  local log, archive = keys[1], keys[2]
+  local log, archive = keys[1], keys[5]
   local n = tonumber(args[1])
   if n <= 0 then return {} end
+  track_usage(keys, args[3])
   local taken = redis.call('XRANGE', log, '-', '+', 'COUNT', n)
   for i = 1, #taken do
     if args[2] == 'archive' then redis.call('XADD', archive, taken[i][1], unpack(taken[i][2])) end
@@ -270,19 +420,39 @@ local function take_oldest(keys, args)
     local ttl = redis.call('TTL', log)
     if ttl > 0 then redis.call('EXPIRE', archive, ttl) end
   end
+  if args[2] ~= 'archive' then add_usage(keys[6], args[3], -entries_bytes(taken)) end
   return taken
 end
 
--- load writes nothing, but is NOT flagged no-writes on purpose: a turn's load must be refused (OOM at
--- maxmemory, READONLY on a replica) exactly when the commit after it would be, before the model runs.
-redis.register_function('engram_v3_load', load_window)
+-- rate: KEYS rate. ARGV rate, burst. Counts one request of the tenant (requests that are not turns; a
+-- turn's load counts itself). 'ENGRAM_RATE <ms>' when over the rate.
+local function rate(keys, args)
+  local wait = take_rate(keys[1], tonumber(args[1]), tonumber(args[2]), now_ms())
+  if wait > 0 then return rate_limited(wait) end
+  return 0
+end
+
+-- usage: KEYS usage, expiry. Sweeps every expired session out of the tenant's usage, then returns
+-- {bytes, sessions}. For the operator's status and `engram tenant list`.
+local function usage(keys)
+  local now = now_ms()
+  while sweep_expired(keys[1], keys[2], now, 256) > 0 do end
+  return { tonumber(redis.call('HGET', keys[1], TOTAL) or 0), redis.call('ZCARD', keys[2]) }
+end
+
+-- load writes nothing but the rate, and is NOT flagged no-writes on purpose: a turn's load must be
+-- refused (OOM at maxmemory, READONLY on a replica) exactly when the commit after it would be, before the
+-- model runs.
+redis.register_function('engram_v4_load', load_window)
 -- writable: refused by Redis whenever a write would be (OOM, READONLY, NOREPLICAS); /readyz calls it.
-redis.register_function('engram_v3_writable', function() return 1 end)
-redis.register_function('engram_v3_commit', commit)
-redis.register_function('engram_v3_replace', replace)
-redis.register_function('engram_v3_delete_at', delete_at)
+redis.register_function('engram_v4_writable', function() return 1 end)
+redis.register_function('engram_v4_commit', commit)
+redis.register_function('engram_v4_replace', replace)
+redis.register_function('engram_v4_delete_at', delete_at)
 -- Pure deletes may run when Redis is at maxmemory (noeviction), so a tenant can free space.
-redis.register_function { function_name = 'engram_v3_delete_session', callback = delete_session, flags = { 'allow-oom' } }
-redis.register_function { function_name = 'engram_v3_prune_index', callback = prune_index, flags = { 'allow-oom' } }
-redis.register_function('engram_v3_take_oldest', take_oldest)
-redis.register_function('engram_v3_insert_at', insert_at)
+redis.register_function { function_name = 'engram_v4_delete_session', callback = delete_session, flags = { 'allow-oom' } }
+redis.register_function { function_name = 'engram_v4_prune_index', callback = prune_index, flags = { 'allow-oom' } }
+redis.register_function('engram_v4_take_oldest', take_oldest)
+redis.register_function('engram_v4_insert_at', insert_at)
+redis.register_function('engram_v4_rate', rate)
+redis.register_function('engram_v4_usage', usage)

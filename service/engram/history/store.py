@@ -30,13 +30,18 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engram.errors import (
+    EngramError,
     InvalidCursor,
     InvalidMessage,
     MessageTooLarge,
     OutcomeUnknown,
+    RateLimited,
+    SessionQuotaExceeded,
+    StorageQuotaExceeded,
     StoreFull,
     StoreReadOnly,
     StoreUnavailable,
+    SubjectMismatch,
 )
 from engram.history.cache import LoadReply, LoadRequest, TailCache, drop_unanswerable_start, merge
 from engram.history.functions import (
@@ -46,8 +51,10 @@ from engram.history.functions import (
     FN_INSERT_AT,
     FN_LOAD,
     FN_PRUNE_INDEX,
+    FN_RATE,
     FN_REPLACE,
     FN_TAKE_OLDEST,
+    FN_USAGE,
     FN_WRITABLE,
     ensure_library,
 )
@@ -58,13 +65,29 @@ from engram.messages import (
     SessionInfo,
     SessionPage,
     StoredMessage,
+    Usage,
     Window,
 )
 from engram.policy import Policy
-from engram.redis_keys import SESSION_ID_PATTERN, KeySpace, SessionKeys, matching, validate_session_id, validate_tenant
+from engram.redis_keys import (
+    SESSION_ID_PATTERN,
+    KeySpace,
+    SessionKeys,
+    matching,
+    validate_session_id,
+    validate_subject_id,
+    validate_tenant,
+)
 from engram.tokens import Tokenizer, default_tokenizer
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExportedMessage:
+    message: StoredMessage
+    archived: bool  # moved to the session's archive (LlamaIndex Memory), no longer in its window
+
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "chatbot", "model"})
 TURN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -94,6 +117,28 @@ def _parse_entry(entry: Sequence[Any]) -> StoredMessage:
         turn_id=fields.get("turn"),
         extra=fields.get("extra"),
     )
+
+
+def _library_refusal(message: str) -> EngramError | None:
+    """The error a library function's refusal stands for (engram.lua's ``ENGRAM_*`` error replies)."""
+    word, _, rest = message.partition(" ")
+    parts = rest.split()
+    if word == "ENGRAM_RATE" and parts:
+        wait = int(parts[0]) / 1000
+        return RateLimited(f"over the tenant's request rate; retry in {wait:.3f} s", wait)
+    if word == "ENGRAM_QUOTA" and parts[:1] == ["sessions"]:
+        return SessionQuotaExceeded(
+            f"the tenant has its maximum of {parts[1]} sessions; delete sessions (or let them expire) "
+            "or ask for a higher maxSessions"
+        )
+    if word == "ENGRAM_QUOTA" and parts[:1] == ["bytes"]:
+        return StorageQuotaExceeded(
+            f"this turn would take the tenant over its storage quota ({parts[2]} of {parts[1]} bytes used); "
+            "delete sessions (or let them expire) or ask for a higher maxStoredBytes"
+        )
+    if word == "ENGRAM_SUBJECT":
+        return SubjectMismatch("this session belongs to another subject; a session has one subject")
+    return None
 
 
 def _encode_cursor(value: str) -> str:
@@ -172,6 +217,9 @@ class HistoryStore:
             # Writes refused for now: too few replicas (min-replicas-to-write) or failing snapshots.
             if str(error).startswith(("NOREPLICAS", "MISCONF")):
                 raise StoreReadOnly(f"Redis refuses writes for now: {str(error).split('.')[0]}") from error
+            refusal = _library_refusal(str(error))
+            if refusal is not None:
+                raise refusal from error
             raise
 
     async def _call(self, make_call: Callable[[], Awaitable[T]]) -> T:
@@ -185,10 +233,12 @@ class HistoryStore:
             await ensure_library(self.client)
             return await make_call()
 
-    async def _call_on_session(self, function: str, keys: SessionKeys, *args: str | int) -> Any:
-        """FCALL a library function that takes the session's keys in the fixed order
-        log, meta, turns, index, archive (commit, replace, delete_session)."""
-        all_keys = (keys.log, keys.meta, keys.turns, keys.index, keys.archive)
+    async def _call_on_session(
+        self, function: str, keys: SessionKeys, *args: str | int, subject_key: str | None = None
+    ) -> Any:
+        """FCALL a library function that takes the session's keys in the fixed order of
+        :meth:`SessionKeys.function_keys` (and, for commit and delete_session, a subject's set)."""
+        all_keys = keys.function_keys() + ((subject_key,) if subject_key else ())
         return await self._call(lambda: self.client.fcall(function, len(all_keys), *all_keys, *args))
 
     async def ensure_library(self) -> bool:
@@ -239,12 +289,19 @@ class HistoryStore:
 
     # --- the hot path ---------------------------------------------------------------------------------
     async def load_window(
-        self, tenant: str, session_id: str, token_budget: int, *, turn_id: str | None = None
+        self,
+        tenant: str,
+        session_id: str,
+        token_budget: int,
+        *,
+        turn_id: str | None = None,
+        policy: Policy | None = None,
     ) -> Window:
         """The newest messages that fit ``token_budget``, oldest first, in one round trip.
 
         With ``turn_id``, ``Window.replay`` carries that turn if it was already committed (a client
-        retry): the caller can answer it without running the model again.
+        retry): the caller can answer it without running the model again. With a ``policy`` that limits
+        the tenant's request rate, the same call counts the request (:class:`RateLimited` when over it).
         """
         keys = self._session(tenant, session_id)
         if turn_id is not None:
@@ -255,18 +312,22 @@ class HistoryStore:
         request = LoadRequest.for_tail(tail, token_budget)
         # FCALL of a write-flagged function: Redis refuses it (OOM, READONLY) exactly when it would refuse
         # the commit that follows, so a turn fails before its model runs, not after.
+        rate, burst = (policy.requests_per_second, policy.effective_burst) if policy else (0, 0)
         raw = await self._call(
             lambda: self.client.fcall(
                 FN_LOAD,
-                3,
+                4,
                 keys.log,
                 keys.meta,
                 keys.turns,
+                keys.rate,
                 request.epoch,
                 request.after_id,
                 token_budget,
                 self.max_window_messages,
                 turn_id or "",
+                rate,
+                burst,
             )
         )
         epoch, first_id, complete, replay_entries, entries = raw
@@ -294,6 +355,8 @@ class HistoryStore:
         user_message: str | NewMessage,
         assistant_message: str | NewMessage,
         policy: Policy | None = None,
+        *,
+        subject: str | None = None,
     ) -> CommittedTurn:
         """Append the user message and the reply as one adjacent, atomic pair (one round trip).
         Messages given as :class:`NewMessage` keep the token count :meth:`prepare` gave them."""
@@ -301,7 +364,7 @@ class HistoryStore:
         reply = assistant_message
         if not isinstance(reply, NewMessage):
             reply = NewMessage("assistant", reply)
-        return await self.append(tenant, session_id, [user, reply], policy, turn_id=turn_id)
+        return await self.append(tenant, session_id, [user, reply], policy, turn_id=turn_id, subject=subject)
 
     async def append(
         self,
@@ -312,21 +375,27 @@ class HistoryStore:
         *,
         turn_id: str | None = None,
         label: str = "",
+        subject: str | None = None,
     ) -> CommittedTurn:
         """Append messages atomically and adjacently. With ``turn_id`` the call is idempotent: a
         second call with the same id stores nothing and returns the first call's messages. ``label``
-        (kept in the session's meta as ``key``) names the session for the LlamaIndex adapters."""
+        (kept in the session's meta as ``key``) names the session for the LlamaIndex adapters. A
+        ``subject`` (an end user's id) links the session to it for erasure by subject; a session has
+        one subject (:class:`SubjectMismatch` otherwise). The policy's quotas are checked in the same call
+        (:class:`SessionQuotaExceeded`, :class:`StorageQuotaExceeded`: nothing written)."""
         keys = self._session(tenant, session_id)
         policy = policy or Policy()
         if turn_id is not None:
             validate_turn_id(turn_id)
+        subject_key = self.keys.subject(tenant, subject) if subject is not None else None
         if not messages:
             raise InvalidMessage("nothing to append")
         args = self._message_args(messages)
         try:
             raw = await self._call_on_session(
                 FN_COMMIT, keys, turn_id or "", policy.session_ttl_seconds, policy.max_messages_per_session,
-                session_id, label, len(messages), *args,
+                session_id, label, policy.max_sessions, policy.max_stored_bytes, subject or "",
+                len(messages), *args, subject_key=subject_key,
             )  # fmt: skip
         except StoreUnavailable as error:
             # Sent, perhaps, and unanswered: a frozen or slow Redis still runs what it queued. With a turn
@@ -338,7 +407,7 @@ class HistoryStore:
         if int(duplicate) == 1:
             return CommittedTurn(turn_id or "", entries, duplicate=True)
         self.cache.extend(keys.log, epoch, _text(raw[3]), entries, policy.token_limit)
-        return CommittedTurn(turn_id or "", entries)
+        return CommittedTurn(turn_id or "", entries, usage=Usage(int(raw[4]), int(raw[5])))
 
     # --- whole-session operations (LlamaIndex chat-store semantics) -------------------------------------
     async def replace(
@@ -385,23 +454,91 @@ class HistoryStore:
     async def delete_message_at(self, tenant: str, session_id: str, position: int) -> StoredMessage | None:
         """Delete the message at ``position`` (0 = oldest, -1 = newest); order and TTL of the rest stay."""
         keys = self._session(tenant, session_id)
-        raw = await self._call(lambda: self.client.fcall(FN_DELETE_AT, 2, keys.log, keys.meta, position))
+        raw = await self._call_on_session(FN_DELETE_AT, keys, position, session_id)
         self.cache.discard(keys.log)
         return _parse_entry(raw[0]) if raw else None
 
     async def delete_session(self, tenant: str, session_id: str) -> bool:
-        """Delete every key of the session and its index entry. Returns False when it did not exist."""
+        """Delete every key of the session, its index entry, its usage and its subject's link to it.
+        Returns False when it did not exist."""
         keys = self._session(tenant, session_id)
-        raw = await self._call_on_session(FN_DELETE_SESSION, keys, session_id)
+        async with self._redis_errors():
+            subject = await self.client.hget(keys.meta, "subject")
+        subject_key = self.keys.subject(tenant, _text(subject)) if subject is not None else None
+        raw = await self._call_on_session(FN_DELETE_SESSION, keys, session_id, subject_key=subject_key)
         self.cache.discard(keys.log)
         return int(raw) == 1
+
+    async def erase_subject(self, tenant: str, subject: str) -> int:
+        """Delete every session of ``subject`` (as :meth:`delete_session` does, so nothing of them stays:
+        messages, archive, idempotency map, metadata, index entry, usage) and the subject's set. Passes
+        repeat until the set is empty, so a session the subject started meanwhile goes too. Returns how
+        many sessions were deleted."""
+        subject_key = self.keys.subject(validate_tenant(tenant), validate_subject_id(subject))
+        deleted = 0
+        for _ in range(100):  # bounded: each pass empties what it saw; only a subject chatting on keeps it busy
+            found = False
+            cursor: int = 0
+            while True:
+                async with self._redis_errors():
+                    cursor, members = await self.client.sscan(subject_key, cursor, count=200)
+                for session_id in map(_text, members):
+                    found = True
+                    if not SESSION_ID_PATTERN.fullmatch(session_id):
+                        continue
+                    keys = self._session(tenant, session_id)
+                    raw = await self._call_on_session(FN_DELETE_SESSION, keys, session_id, subject_key=subject_key)
+                    self.cache.discard(keys.log)
+                    deleted += int(raw)
+                if cursor == 0:
+                    break
+            if not found:
+                return deleted
+        raise StoreUnavailable(f"subject {subject!r} kept gaining sessions while being erased; retry")
+
+    async def check_rate(self, tenant: str, policy: Policy) -> None:
+        """Count one request of ``tenant`` against its rate (:class:`RateLimited` when over it). Turns do
+        not call this: their load counts them in the same round trip."""
+        if policy.requests_per_second <= 0:
+            return
+        rate = self.keys.rate(validate_tenant(tenant))
+        burst = policy.effective_burst
+        await self._call(lambda: self.client.fcall(FN_RATE, 1, rate, policy.requests_per_second, burst))
+
+    async def usage(self, tenant: str) -> Usage:
+        """The tenant's stored bytes and live sessions, as its quotas count them (expired ones swept out)."""
+        tenant = validate_tenant(tenant)
+        keys = (self.keys.usage(tenant), self.keys.session_expiry(tenant))
+        stored_bytes, sessions = await self._call(lambda: self.client.fcall(FN_USAGE, 2, *keys))
+        return Usage(int(stored_bytes), int(sessions))
+
+    async def export(self, tenant: str, session_id: str, *, batch: int = 500) -> AsyncIterator[ExportedMessage]:
+        """Every message of the session, oldest first: the archived ones, then the log. Reads ``batch``
+        entries per round trip and holds no more, so exporting any length takes constant memory."""
+        keys = self._session(tenant, session_id)
+        for archived, stream in ((True, keys.archive), (False, keys.log)):
+            start = "-"
+            while True:
+                async with self._redis_errors():
+                    entries = await self.client.xrange(stream, min=start, max="+", count=batch) or []
+                for entry in entries:
+                    yield ExportedMessage(_parse_entry(entry), archived)
+                if len(entries) < batch:
+                    break
+                start = "(" + _text(entries[-1][0])
+
+    async def exists(self, tenant: str, session_id: str) -> bool:
+        """Whether the session has any keys (messages, archive or metadata)."""
+        keys = self._session(tenant, session_id)
+        async with self._redis_errors():
+            return int(await self.client.exists(keys.log, keys.meta, keys.archive)) > 0
 
     async def take_oldest(self, tenant: str, session_id: str, count: int, *, archive: bool) -> list[StoredMessage]:
         """Remove the ``count`` oldest messages atomically; with ``archive`` move them to the
         session's archive stream (LlamaIndex Memory's archive_oldest_messages)."""
         keys = self._session(tenant, session_id)
         mode = "archive" if archive else "delete"
-        raw = await self._call(lambda: self.client.fcall(FN_TAKE_OLDEST, 2, keys.log, keys.archive, count, mode))
+        raw = await self._call_on_session(FN_TAKE_OLDEST, keys, count, mode, session_id)
         return [_parse_entry(e) for e in raw]
 
     async def all_messages(

@@ -192,6 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(openai.router)
     app.include_router(sessions.router)
+    app.include_router(sessions.subjects)
     app.include_router(ops.router)
     app.include_router(web.router)
     app.add_middleware(Observed, max_body=max_request_bytes(settings))

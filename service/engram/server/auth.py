@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from engram.policy import Policy, Tenant
+from engram.policy import POLICY_FIELDS, Policy, Tenant
 from engram.server import metrics
 from engram.server.errors import Unauthorized
 from engram.settings import Settings
@@ -21,14 +21,7 @@ class KeyResolver(Protocol):
 
 
 def default_tenant(settings: Settings) -> Tenant:
-    return Tenant(
-        DEFAULT_TENANT,
-        Policy(
-            token_limit=settings.token_limit,
-            session_ttl_seconds=settings.session_ttl_seconds,
-            max_messages_per_session=settings.max_messages_per_session,
-        ),
-    )
+    return Tenant(DEFAULT_TENANT, Policy(**{f.name: getattr(settings, f.name) for f in POLICY_FIELDS}))
 
 
 def bearer_token(authorization: str | None) -> str:

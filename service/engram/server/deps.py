@@ -11,8 +11,10 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, Request
 
+from engram.errors import RateLimited
 from engram.history.store import HistoryStore
 from engram.policy import Tenant
+from engram.server import metrics
 from engram.server.auth import Authenticator
 from engram.server.model import ChatModel
 from engram.server.turn import NullMemory, SessionMemory, TurnContext, TurnMemory
@@ -57,6 +59,20 @@ async def get_tenant(
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+async def get_metered_tenant(resources: ResourcesDep, tenant: TenantDep) -> Tenant:
+    """The tenant, with this request counted against its request rate (429 when over it). Turns use
+    :data:`TenantDep`: their load counts them in the same Redis round trip."""
+    try:
+        await resources.store.check_rate(tenant.name, tenant.policy)
+    except RateLimited:
+        metrics.observe_quota_rejection("rate_limited")
+        raise
+    return tenant
+
+
+MeteredTenantDep = Annotated[Tenant, Depends(get_metered_tenant)]
 
 
 async def get_turn_context(resources: ResourcesDep, tenant: TenantDep) -> TurnContext:

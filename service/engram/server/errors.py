@@ -7,7 +7,10 @@ The mapping, in one place::
     request body that does not validate (FastAPI)                                    422 invalid_request
     Unauthorized                                                                     401
     TurnIdReused (a turn_id already stored with another message)                     409
+    SubjectMismatch (a turn names another subject than its session's)                409
     NotFound                                                                         404
+    RateLimited (the tenant is over its requestsPerSecond + burst)                   429 + Retry-After
+    QuotaExceeded (SessionQuotaExceeded, StorageQuotaExceeded; nothing stored)       403
     StoreFull (Redis at maxmemory: writes refused, checked before the model runs)    507
     StoreUnavailable (Redis unreachable, timed out or read-only; nothing stored)      503 + Retry-After
     OutcomeUnknown (a commit was sent, no answer: it may have landed)                503 + Retry-After,
@@ -24,6 +27,7 @@ for a message).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
@@ -39,8 +43,11 @@ from engram.errors import (
     MessageTooLarge,
     NotFound,
     OutcomeUnknown,
+    QuotaExceeded,
+    RateLimited,
     StoreFull,
     StoreUnavailable,
+    SubjectMismatch,
 )
 
 log = logging.getLogger("engram.server")
@@ -90,6 +97,12 @@ def status_for(error: EngramError) -> int:
         return error.status
     if isinstance(error, MessageTooLarge):
         return 413
+    if isinstance(error, SubjectMismatch):
+        return 409
+    if isinstance(error, RateLimited):
+        return 429
+    if isinstance(error, QuotaExceeded):  # not 429: OpenAI's SDKs retry 429 by themselves, and retrying cannot help
+        return 403
     if isinstance(error, InvalidInput):
         return 422
     if isinstance(error, NotFound):
@@ -180,6 +193,8 @@ def error_content(error: EngramError, path: str = "") -> tuple[int, dict[str, An
     status = status_for(error)
     extra = {"turn_id": error.turn_id} if isinstance(error, OutcomeUnknown) else {}
     headers = {"Retry-After": "1"} if status == 503 else None
+    if isinstance(error, RateLimited):
+        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
     if speaks_openai(path):
         if isinstance(error, MessageTooLarge):  # OpenAI's answer to a message the model cannot take
             status = 400

@@ -1,13 +1,17 @@
 """Prometheus metrics of the chat service (reference: docs/service.md).
 
 Every name starts with ``engram_``; labels take values from small fixed sets only (cache outcome, turn
-outcome, route template, method, status code, Redis operation) - never a tenant, session or path.
+outcome, route template, method, status code, Redis operation, quota) - never a session or path. The one
+exception is the tenant usage gauges' ``tenant`` label: tenants are created by administrators (operator,
+``engram tenant``), never by clients, and a process reports at most ``USAGE_TENANTS_REPORTED`` of them
+(the first it sees), so the series stay bounded.
 
 Several workers in one replica: ``engram serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at an empty folder
 before any worker imports prometheus_client, each worker writes its samples there, and ``/metrics``
 sums them with a ``MultiProcessCollector``. Without the variable (one process, e.g. under plain
-uvicorn) the default in-memory registry is served. No gauges are defined: uvicorn never calls
-``mark_process_dead``, so live-process gauges would keep the values of dead workers.
+uvicorn) the default in-memory registry is served. The only gauges are the tenant usage ones, in
+``mostrecent`` mode: a value every commit reports about the tenant (not about the process), so the newest
+sample of any worker, live or dead, is the right one (uvicorn never calls ``mark_process_dead``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -28,7 +33,7 @@ from prometheus_client import (
 )
 
 from engram.errors import StoreUnavailable
-from engram.messages import CacheOutcome, Window
+from engram.messages import CacheOutcome, Usage, Window
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Chosen by prometheus_client when it was first imported: what /metrics must read.
@@ -39,9 +44,13 @@ TURN_OUTCOMES = (
     "ok", "replayed", "duplicate", "model_error", "rejected", "abandoned",
     # a store error's code (see engram.errors)
     "store_unavailable", "store_read_only", "store_full", "outcome_unknown",
+    # over a quota or the request rate (nothing stored)
+    "rate_limited", "session_quota_exceeded", "storage_quota_exceeded",
 )  # fmt: skip
+QUOTA_REASONS = ("rate_limited", "session_quota_exceeded", "storage_quota_exceeded")
+USAGE_TENANTS_REPORTED = 200
 MODEL_OUTCOMES = ("ok", "error")
-REDIS_OPERATIONS = ("load", "commit", "sessions", "messages", "delete", "auth", "ready")
+REDIS_OPERATIONS = ("load", "commit", "sessions", "messages", "delete", "auth", "ready", "export", "erase")
 TURN_STEPS = ("load", "model", "commit")
 
 # Fast paths are sub-millisecond (a cached Redis load); model calls take seconds.
@@ -91,6 +100,24 @@ MODEL_SECONDS = Histogram(
 REDIS_ERRORS = Counter(
     "engram_redis_errors_total", "Redis calls that failed (unreachable or timed out) by operation.", ["operation"]
 )
+QUOTA_REJECTIONS = Counter(
+    "engram_quota_rejections_total",
+    "Requests refused for a tenant's quota: rate_limited (429), session_quota_exceeded or storage_quota_exceeded.",
+    ["reason"],
+)
+TENANT_STORED_BYTES = Gauge(
+    "engram_tenant_stored_bytes",
+    "Bytes of messages a tenant stores, as its maxStoredBytes quota counts them (reported by each commit).",
+    ["tenant"],
+    multiprocess_mode="mostrecent",
+)
+TENANT_SESSIONS = Gauge(
+    "engram_tenant_sessions",
+    "Live sessions of a tenant, as its maxSessions quota counts them (reported by each commit).",
+    ["tenant"],
+    multiprocess_mode="mostrecent",
+)
+_usage_tenants: set[str] = set()
 HTTP_REQUESTS = Counter(
     "engram_http_requests_total", "HTTP requests by route template, method and status.", ["route", "method", "status"]
 )
@@ -116,6 +143,8 @@ def initialise() -> None:
         STEP_SECONDS.labels(step_name)
     for operation in REDIS_OPERATIONS:
         REDIS_ERRORS.labels(operation)
+    for reason in QUOTA_REASONS:
+        QUOTA_REJECTIONS.labels(reason)
 
 
 def render() -> tuple[bytes, str]:
@@ -141,6 +170,23 @@ def observe_load(window: Window, seconds: float) -> None:
 def observe_turn(outcome: str, seconds: float) -> None:
     TURNS.labels(outcome).inc()
     TURN_SECONDS.labels(outcome).observe(seconds)
+    if outcome in QUOTA_REASONS:
+        QUOTA_REJECTIONS.labels(outcome).inc()
+
+
+def observe_quota_rejection(reason: str) -> None:
+    """A request that is not a turn refused for a quota (turns count theirs in :func:`observe_turn`)."""
+    QUOTA_REJECTIONS.labels(reason).inc()
+
+
+def observe_usage(tenant: str, usage: Usage) -> None:
+    """The tenant's usage after a commit; at most USAGE_TENANTS_REPORTED tenants per process."""
+    if tenant not in _usage_tenants:
+        if len(_usage_tenants) >= USAGE_TENANTS_REPORTED:
+            return
+        _usage_tenants.add(tenant)
+    TENANT_STORED_BYTES.labels(tenant).set(usage.stored_bytes)
+    TENANT_SESSIONS.labels(tenant).set(usage.sessions)
 
 
 def observe_http(route: str, method: str, status: int, seconds: float) -> None:

@@ -58,7 +58,10 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1, le=1, description="one choice only")
     user: str | None = None
-    metadata: dict[str, str] | None = Field(None, description="`session_id` here names the session too")
+    metadata: dict[str, str] | None = Field(
+        None,
+        description="`session_id` here names the session too; `subject` links it to an end user (erasure by subject)",
+    )
 
 
 def _text(message: RequestMessage, index: int) -> str:
@@ -93,7 +96,8 @@ def turn_request(body: ChatCompletionRequest, session_id: str | None, idempotenc
     if session_id is None:  # passed through: the model gets the request's messages as sent
         return TurnRequest(STATELESS_SESSION_ID, texts[-1], idempotency_key, prefix=tuple(earlier), options=options)
     instructions = tuple(m for m in earlier if m.role in INSTRUCTION_ROLES)
-    return TurnRequest(session_id, texts[-1], idempotency_key, prefix=instructions, options=options)
+    subject = (body.metadata or {}).get("subject")
+    return TurnRequest(session_id, texts[-1], idempotency_key, prefix=instructions, options=options, subject=subject)
 
 
 # --- answers ------------------------------------------------------------------------------------------

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from engram.export import iso_time
 from engram.messages import SessionInfo, StoredMessage
 from engram.server.turn import TurnResult
-
-
-def iso_time(seconds: float) -> str:
-    """RFC 3339 UTC time with milliseconds, e.g. ``2025-05-01T12:00:00.123Z``."""
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ChatRequest(BaseModel):
@@ -34,6 +29,12 @@ class ChatRequest(BaseModel):
     )
     # strict: JSON true/false only (0, 1 or "yes" are refused, as the published schema says)
     stream: bool = Field(default=False, strict=True, description="answer as text/event-stream: token events, then done")
+    subject: str | None = Field(
+        default=None,
+        description="the end user the session belongs to (set once per session), so DELETE /v1/subjects/{subject} "
+        "erases all of their sessions; 1-128 of [A-Za-z0-9._@+:-], starting alphanumeric",
+        json_schema_extra={"pattern": r"^[A-Za-z0-9][A-Za-z0-9._@+:-]{0,127}$"},
+    )
 
 
 class HistoryInfo(BaseModel):
@@ -95,6 +96,25 @@ class MessageOut(BaseModel):
         )
 
 
+class ExportLine(BaseModel):
+    """One line of a session's JSON Lines export: ``message`` lines oldest first (archived ones before
+    the rest), then one ``end`` line with the count (a stream cut short has none), or one ``error`` line."""
+
+    type: Literal["message", "end", "error"]
+    session_id: str
+    message: MessageOut | None = None
+    archived: bool | None = Field(None, description="moved to the archive (LlamaIndex Memory): not in the window")
+    extra: str | None = Field(None, description="JSON of LlamaIndex additional_kwargs/blocks, when there are any")
+    tokens: int | None = None
+    messages: int | None = Field(None, description="on the end line: how many message lines were sent")
+    error: dict[str, str] | None = Field(None, description="on an error line: its code and message")
+
+
+class SubjectErased(BaseModel):
+    subject: str
+    sessions_deleted: int
+
+
 class MessageList(BaseModel):
     messages: list[MessageOut]
     next: str | None
@@ -118,8 +138,10 @@ class Health(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     401: {"model": ErrorBody, "description": "missing or unknown API key"},
+    403: {"model": ErrorBody, "description": "the tenant is at its session or storage quota; nothing was stored"},
     413: {"model": ErrorBody, "description": "message over the size limit"},
     422: {"model": ErrorBody, "description": "invalid session id, cursor or body"},
+    429: {"model": ErrorBody, "description": "over the tenant's request rate; retry after `Retry-After` seconds"},
     503: {
         "model": ErrorBody,
         "description": "Redis unavailable or read-only (retry); `outcome_unknown`: retry with `error.turn_id`",

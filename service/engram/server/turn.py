@@ -33,12 +33,20 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engram.echo import Message
-from engram.errors import EngramError, InvalidInput, MessageTooLarge, StoreFull, StoreUnavailable
+from engram.errors import (
+    EngramError,
+    InvalidInput,
+    MessageTooLarge,
+    QuotaExceeded,
+    RateLimited,
+    StoreFull,
+    StoreUnavailable,
+)
 from engram.history.cache import drop_unanswerable_start, fit_budget
 from engram.history.store import HistoryStore, validate_turn_id
 from engram.messages import CommittedTurn, HistoryOutcome, NewMessage, StoredMessage, Window, stream_id_key
 from engram.policy import Tenant
-from engram.redis_keys import validate_session_id
+from engram.redis_keys import validate_session_id, validate_subject_id
 from engram.server import metrics
 from engram.server.errors import ModelFailed, TurnIdReused, redact, summarize_model_error
 from engram.server.model import NO_OPTIONS, ChatModel, ModelOptions, PromptMessage
@@ -51,13 +59,15 @@ log = logging.getLogger("engram.server")
 class TurnRequest:
     """One new user message for a session; ``turn_id`` makes retries safe (generated when absent).
     ``prefix`` goes before the history in the prompt and is never stored (a request's system messages,
-    or the whole conversation of a client that keeps its own); ``options`` are passed to the model."""
+    or the whole conversation of a client that keeps its own); ``options`` are passed to the model.
+    ``subject`` (an end user's id) links the session to it, for erasure by subject."""
 
     session_id: str
     message: str
     turn_id: str | None = None
     prefix: tuple[PromptMessage, ...] = ()
     options: ModelOptions = NO_OPTIONS
+    subject: str | None = None
 
 
 class TurnMemory(Protocol):
@@ -65,21 +75,28 @@ class TurnMemory(Protocol):
 
     async def load(self, session_id: str, token_limit: int, turn_id: str) -> Window: ...
 
-    async def commit(self, session_id: str, turn_id: str, user: NewMessage, reply: NewMessage) -> CommittedTurn: ...
+    async def commit(
+        self, session_id: str, turn_id: str, user: NewMessage, reply: NewMessage, subject: str | None
+    ) -> CommittedTurn: ...
 
 
 @dataclass(frozen=True, slots=True)
 class SessionMemory:
-    """The session's history in Redis: one round trip to load, one to commit."""
+    """The session's history in Redis: one round trip to load (it also counts the tenant's request rate),
+    one to commit (it also checks the tenant's quotas)."""
 
     store: HistoryStore
     tenant: Tenant
 
     async def load(self, session_id: str, token_limit: int, turn_id: str) -> Window:
-        return await self.store.load_window(self.tenant.name, session_id, token_limit, turn_id=turn_id)
+        policy = self.tenant.policy
+        return await self.store.load_window(self.tenant.name, session_id, token_limit, turn_id=turn_id, policy=policy)
 
-    async def commit(self, session_id: str, turn_id: str, user: NewMessage, reply: NewMessage) -> CommittedTurn:
-        return await self.store.commit_turn(self.tenant.name, session_id, turn_id, user, reply, self.tenant.policy)
+    async def commit(
+        self, session_id: str, turn_id: str, user: NewMessage, reply: NewMessage, subject: str | None
+    ) -> CommittedTurn:
+        name, policy = self.tenant.name, self.tenant.policy
+        return await self.store.commit_turn(name, session_id, turn_id, user, reply, policy, subject=subject)
 
 
 class NullMemory:
@@ -88,7 +105,9 @@ class NullMemory:
     async def load(self, session_id: str, token_limit: int, turn_id: str) -> Window:
         return Window([], "off", 0)
 
-    async def commit(self, session_id: str, turn_id: str, user: NewMessage, reply: NewMessage) -> CommittedTurn:
+    async def commit(
+        self, session_id: str, turn_id: str, user: NewMessage, reply: NewMessage, subject: str | None
+    ) -> CommittedTurn:
         kept = [StoredMessage(f"0-{i}", m.role, m.content, m.tokens or 0, turn_id) for i, m in enumerate((user, reply))]
         return CommittedTurn(turn_id, kept)
 
@@ -125,6 +144,7 @@ class ValidTurn:
     prefix: tuple[PromptMessage, ...]
     prefix_tokens: int
     options: ModelOptions
+    subject: str | None
 
 
 def validate(ctx: TurnContext, request: TurnRequest) -> ValidTurn:
@@ -140,7 +160,8 @@ def validate(ctx: TurnContext, request: TurnRequest) -> ValidTurn:
     for message in prefix:
         ctx.store.validate(NewMessage(message.role, message.content))
     prefix_tokens = sum(ctx.store.count_tokens(m.content) for m in prefix)
-    return ValidTurn(session_id, turn_id, user, prefix, prefix_tokens, request.options)
+    subject = validate_subject_id(request.subject) if request.subject is not None else None
+    return ValidTurn(session_id, turn_id, user, prefix, prefix_tokens, request.options, subject)
 
 
 async def load(ctx: TurnContext, turn: ValidTurn) -> Window:
@@ -188,9 +209,11 @@ async def commit(ctx: TurnContext, turn: ValidTurn, reply: str) -> CommittedTurn
     except MessageTooLarge as error:
         raise ModelFailed(f"the model's reply cannot be stored: {error}") from error
     with metrics.step("commit"), metrics.redis_operation("commit"):
-        committed = await ctx.memory.commit(turn.session_id, turn.turn_id, turn.user, answer)
+        committed = await ctx.memory.commit(turn.session_id, turn.turn_id, turn.user, answer, turn.subject)
     if committed.duplicate:
         _check_same_message(committed, turn)
+    elif committed.usage is not None:
+        metrics.observe_usage(ctx.tenant.name, committed.usage)
     return committed
 
 
@@ -340,6 +363,8 @@ def failure_outcome(error: BaseException) -> str:
     """The ``engram_turns_total`` outcome of a turn that failed with ``error``."""
     if isinstance(error, InvalidInput | TurnIdReused):
         return "rejected"
+    if isinstance(error, RateLimited | QuotaExceeded):  # rate_limited, session_quota_exceeded, ...
+        return error.code
     if isinstance(error, StoreUnavailable | StoreFull):  # its code: store_unavailable, store_read_only, ...
         return error.code
     return "model_error"

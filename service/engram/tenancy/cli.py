@@ -1,10 +1,14 @@
 """``engram tenant``: manage tenants in Redis without Kubernetes, with the operator's own reconcile code.
 
-    engram tenant create NAME [--token-limit N] [--ttl SECONDS] [--max-messages N]   prints the API key
+    engram tenant create NAME [--token-limit N] [--ttl SECONDS] [--max-messages N] [--max-sessions N]
+                              [--max-stored-bytes N] [--requests-per-second N] [--burst N]   prints the API key
+    engram tenant update NAME [the same policy flags]          changes only the flags given
     engram tenant delete NAME [--purge]
-    engram tenant list
-    engram tenant rotate-key NAME                                                    prints the new key
+    engram tenant list                                         policy, owner and usage of each tenant
+    engram tenant rotate-key NAME                              prints the new key
     engram tenant sync                       re-apply every tenant's ACL user (keys and passwords unchanged)
+    engram tenant export NAME                all of its sessions as JSON Lines on stdout, at constant memory
+    engram tenant erase-subject NAME SUBJECT delete every session of one end user
 
 Only the requested value goes to stdout (so ``KEY=$(engram tenant create demo)`` works); everything
 else goes to stderr. Exit codes: 0 done, 1 refused (exists, not found, managed by the operator),
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -23,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from engram.errors import EngramError, StoreUnavailable
+from engram.export import end_line, message_line
+from engram.history.store import HistoryStore
 from engram.policy import POLICY_FIELDS, RETENTION, Policy, PolicyField
 from engram.redis_keys import KeySpace
 from engram.settings import Settings, get_settings
@@ -38,6 +45,7 @@ from engram.tenancy.provision import (
     list_tenants,
     record_for,
     remove_tenant,
+    tenant_usage,
 )
 from engram.tenancy.records import CLI_OWNER
 
@@ -83,15 +91,19 @@ def add_parser(subparsers: Any) -> None:
 
     create = command("create", "create a tenant and print its API key (only the key, on stdout)", _create)
     create.add_argument("name", help="tenant name: a DNS label ([a-z0-9-], at most 63)")
-    for policy_field in POLICY_FIELDS:
-        create.add_argument(
-            policy_field.cli_flag,
-            dest=policy_field.name,
-            type=_policy_value(policy_field),
-            metavar="SECONDS" if policy_field.name.endswith("_seconds") else "N",
-            help=f"{policy_field.description} {policy_field.minimum}..{policy_field.maximum} "
-            f"(default: {policy_field.env_name}, else {policy_field.default})",
-        )
+    update = command("update", "change a tenant's policy: only the flags given (its key stays)", _update)
+    update.add_argument("name")
+    update.add_argument("--force", action="store_true", help="even if a MemoryNamespace manages the tenant")
+    for parser, default in ((create, "default: {env}, else {default}"), (update, "default: unchanged")):
+        for policy_field in POLICY_FIELDS:
+            parser.add_argument(
+                policy_field.cli_flag,
+                dest=policy_field.name,
+                type=_policy_value(policy_field),
+                metavar="SECONDS" if policy_field.name.endswith("_seconds") else "N",
+                help=f"{policy_field.description} {policy_field.minimum}..{policy_field.maximum} "
+                f"({default.format(env=policy_field.env_name, default=policy_field.default)})",
+            )
     create.add_argument(
         RETENTION.cli_flag,
         dest=RETENTION.name,
@@ -121,6 +133,13 @@ def add_parser(subparsers: Any) -> None:
 
     rotate = command("rotate-key", "give a tenant a new API key (the old one stops working); print it", _rotate)
     rotate.add_argument("name")
+
+    export = command("export", "print all of a tenant's sessions as JSON Lines (one message per line)", _export)
+    export.add_argument("name")
+
+    erase = command("erase-subject", "delete every session of one end user (subject) of a tenant", _erase_subject)
+    erase.add_argument("name")
+    erase.add_argument("subject")
 
 
 def _run(command: Command, args: argparse.Namespace) -> int:
@@ -184,10 +203,41 @@ async def _delete(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, s
     return EXIT_OK
 
 
+async def _update(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, settings: Settings) -> int:
+    existing = await current_record(nodes, keys, args.name)
+    if existing is None:
+        _say(f"tenant {args.name} does not exist")
+        return EXIT_REFUSED
+    if existing.owner != CLI_OWNER and not args.force:
+        # The operator would put its MemoryNamespace's policy back at its next repair.
+        _say(f"tenant {args.name} is managed by {existing.owner}: change that resource, or pass --force")
+        return EXIT_REFUSED
+    changes = {f.name: getattr(args, f.name) for f in POLICY_FIELDS if getattr(args, f.name) is not None}
+    policy = dataclasses.replace(existing.policy, **changes)
+    spec = TenantSpec(existing.tenant, policy, existing.retention)
+    record = desired_record(
+        keys,
+        spec,
+        api_key_sha256=existing.api_key_sha256,
+        password_sha256=existing.password_sha256,
+        owner=existing.owner,
+    )
+    await ensure_tenant(nodes, keys, record)
+    _say(f"updated tenant {existing.tenant}: " + (", ".join(f"{k}={v}" for k, v in changes.items()) or "no change"))
+    _say("replicas apply it within ENGRAM_TENANT_CACHE_SECONDS")
+    return EXIT_OK
+
+
+def _quota(value: int) -> str:
+    return str(value) if value else "-"
+
+
 async def _list(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, settings: Settings) -> int:
-    rows = [("TENANT", "TOKEN_LIMIT", "TTL_SECONDS", "MAX_MESSAGES", "RETENTION", "OWNER", "SESSIONS")]
+    header = ("TENANT", "TOKEN_LIMIT", "TTL_SECONDS", "MAX_MESSAGES", "RETENTION", "OWNER", "SESSIONS")
+    rows = [(*header, "MAX_SESSIONS", "STORED_BYTES", "MAX_BYTES", "RPS", "BURST")]
     for record in await list_tenants(nodes.primary, keys):
         policy = record.policy
+        usage = await tenant_usage(nodes.primary, keys, record.tenant)
         sessions = await count_sessions(nodes.primary, keys, record.tenant)
         rows.append(
             (
@@ -197,7 +247,12 @@ async def _list(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, set
                 str(policy.max_messages_per_session),
                 record.retention,
                 record.owner,
-                str(sessions),
+                str(max(sessions, usage.sessions)),
+                _quota(policy.max_sessions),
+                str(usage.stored_bytes),
+                _quota(policy.max_stored_bytes),
+                _quota(policy.requests_per_second),
+                _quota(policy.effective_burst if policy.requests_per_second else 0),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -237,6 +292,37 @@ async def _sync(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, set
         for change in changes:
             _say(f"tenant {record.tenant}: {change}")
     _say(f"{len(records)} tenants in sync ({changed} ACL users re-applied)")
+    return EXIT_OK
+
+
+async def _export(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, settings: Settings) -> int:
+    """Every session of the tenant, one JSON object per message (with its session id), then one
+    ``end`` line per session; sessions page by page from the index, messages page by page: constant memory."""
+    store = HistoryStore(nodes.primary, keys, cache_sessions=0)
+    out = sys.stdout.buffer
+    sessions = messages = 0
+    cursor: str | None = None
+    while True:
+        page = await store.list_sessions(args.name, limit=200, cursor=cursor)
+        for info in page.sessions:
+            count = 0
+            async for item in store.export(args.name, info.session_id):
+                out.write(message_line(info.session_id, item))
+                count += 1
+            out.write(end_line(info.session_id, count))
+            sessions, messages = sessions + 1, messages + count
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    out.flush()
+    _say(f"exported {messages} messages of {sessions} sessions of tenant {args.name}")
+    return EXIT_OK
+
+
+async def _erase_subject(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, settings: Settings) -> int:
+    store = HistoryStore(nodes.primary, keys, cache_sessions=0)
+    deleted = await store.erase_subject(args.name, args.subject)
+    _say(f"erased subject {args.subject} of tenant {args.name}: {deleted} sessions deleted")
     return EXIT_OK
 
 

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from engram.errors import InvalidTenant, StoreUnavailable
 from engram.history.functions import TENANT_COMMANDS, ensure_library
 from engram.history.store import HistoryStore
+from engram.messages import Usage
 from engram.policy import Policy, Retention
 from engram.redis_keys import KeySpace, validate_tenant
 from engram.tenancy import acl
@@ -235,6 +236,11 @@ async def purge_sessions(client: aioredis.Redis, keys: KeySpace, tenant: str, *,
 
 async def count_sessions(client: aioredis.Redis, keys: KeySpace, tenant: str) -> int:
     return await _history(client, keys).count_sessions(tenant)
+
+
+async def tenant_usage(client: aioredis.Redis, keys: KeySpace, tenant: str) -> Usage:
+    """What the tenant stores, as its quotas count it (sessions that expired are swept out first)."""
+    return await _history(client, keys).usage(tenant)
 
 
 async def list_tenants(client: aioredis.Redis, keys: KeySpace) -> list[TenantRecord]:

@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 
 from engram.errors import InvalidPolicy
-from engram.policy import POLICY_FIELDS, RETENTION, Policy, Retention
+from engram.policy import POLICY_FIELDS, QUOTA_FIELDS, RETENTION, Policy, Retention
 from engram.redis_keys import validate_tenant
 
 CLI_OWNER = "cli"
@@ -65,9 +65,7 @@ class TenantRecord:
         """The fields that define the tenant (no timestamps), as stored."""
         return {
             "tenant": self.tenant,
-            "token_limit": str(self.policy.token_limit),
-            "session_ttl_seconds": str(self.policy.session_ttl_seconds),
-            "max_messages_per_session": str(self.policy.max_messages_per_session),
+            **{f.name: str(getattr(self.policy, f.name)) for f in POLICY_FIELDS},
             "retention": self.retention,
             "api_key_sha256": self.api_key_sha256,
             "redis_username": self.redis_username,
@@ -83,6 +81,10 @@ class TenantRecord:
             raise InvalidRecord(f"tenant record lacks {', '.join(missing)}")
         values: dict[str, int] = {}
         for policy_field in POLICY_FIELDS:
+            if policy_field in QUOTA_FIELDS and policy_field.name not in raw:
+                # written before quotas existed: no limit, until the operator or `engram tenant update` writes one
+                values[policy_field.name] = policy_field.default
+                continue
             text = raw[policy_field.name]
             try:
                 value = int(text)

@@ -23,7 +23,7 @@ CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
         '(`{"text"}`) then one `done` event with the JSON reply fields (or one `error` event)',
         "content": {"text/event-stream": {}},
     },
-    409: {"model": ErrorBody, "description": "`turn_id` already used for a different message"},
+    409: {"model": ErrorBody, "description": "`turn_id` already used for a different message, or another `subject`"},
     502: {"model": ErrorBody, "description": "the model failed; nothing was stored"},
 }
 
@@ -46,7 +46,7 @@ async def post_chat(body: ChatRequest, ctx: TurnContextDep) -> Any:
 
     Retrying with the same `turn_id` returns the first result and stores nothing twice. Every answer
     carries `X-Served-By` (host:pid), set for all routes by the app's outer layer."""
-    turn = await start_turn(ctx, TurnRequest(body.session_id, body.message, body.turn_id))
+    turn = await start_turn(ctx, TurnRequest(body.session_id, body.message, body.turn_id, subject=body.subject))
     if body.stream:
         return TurnStreamingResponse(turn, _event_stream(turn))
     return ChatReply.of(await turn.collect())
