@@ -153,6 +153,7 @@ def flatness_rows(rows: list[dict[str, Any]]) -> list[str]:
 E2E_RATIO_TARGET = 0.95
 READY_TARGET_S = 2.0
 RSS_TARGET_MIB = 150
+QUOTA_OVERHEAD_TARGET = 0.10  # issue 14: quotas live inside the calls a turn makes anyway
 
 
 def targets_section(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> list[str]:
@@ -166,6 +167,18 @@ def targets_section(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> l
             )
         elif (row := table.get((1000, name))) and row.get("stopped"):
             lines.append(f"| ≥ {goal}× faster than `{name}` at 1,000 messages | it was stopped: {row['stopped']} | – |")
+    quota_costs = [
+        table[(size, "engram-quotas")]["median_ms"] / table[(size, "engram-hit")]["median_ms"]
+        for size in sorted({r["size"] for r in rows})
+        if (table.get((size, "engram-quotas")) or {}).get("median_ms")
+        and (table.get((size, "engram-hit")) or {}).get("median_ms")
+    ]
+    if quota_costs:
+        worst_quota = max(quota_costs)
+        lines.append(
+            f"| quota and rate checks add ≤ {QUOTA_OVERHEAD_TARGET:.0%} to a turn (`engram-quotas` / `engram-hit`, "
+            f"worst size) | {worst_quota:.2f}× | {'yes' if worst_quota <= 1 + QUOTA_OVERHEAD_TARGET else 'no'} |"
+        )
     trips = [table[k]["round_trips"] for k in table if k[1] in ENGRAM and table[k].get("round_trips") is not None]
     if trips:
         lines.append(

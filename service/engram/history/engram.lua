@@ -76,11 +76,10 @@ local function add_usage(usage, session_id, delta)
 end
 
 local function forget_usage(usage, expiry, session_id)
-  local counted = redis.call('HGET', usage, session_id)
-  if counted then
-    redis.call('HINCRBY', usage, TOTAL, -tonumber(counted))
-    redis.call('HDEL', usage, session_id)
-  end
+  local counted = tonumber(redis.call('HGET', usage, session_id) or 0)
+  -- (never HINCRBY by -0: Lua writes it "-0", which Redis refuses as an integer)
+  if counted ~= 0 then redis.call('HINCRBY', usage, TOTAL, 0 - counted) end
+  redis.call('HDEL', usage, session_id)
   redis.call('ZREM', expiry, session_id)
 end
 
