@@ -6,6 +6,7 @@ Layout (``engram`` is the configurable namespace, ``acme`` a tenant, ``s1`` a se
     engram:acme:{acme:s1}:meta     hash     epoch (changes on any rewrite), created, updated, key (LlamaIndex key)
     engram:acme:{acme:s1}:turns    hash     turn_id -> "<user msg id> <assistant msg id>" (idempotency)
     engram:acme:{acme:s1}:archive  stream   messages LlamaIndex's Memory archived (moved out of the log)
+    engram:acme:{acme:s1}:summary  hash     rolling summary: text, covers_through, messages_covered, tokens, epoch
     engram:acme:sessions           zset     session_id scored by last update (ms): the tenant's session index
     engram:_sys:tenant:acme        hash     tenant registry record (policy, API-key hash) - NOT tenant-writable
     engram:_sys:tenants            set      names of registered tenants
@@ -70,6 +71,12 @@ class SessionKeys:
     def session_keys(self) -> tuple[str, str, str, str]:
         """The keys that belong to the session itself (deleted with it)."""
         return (self.log, self.meta, self.turns, self.archive)
+
+    # --- rolling summary (docs/design.md, "Rolling summary") ---------------------------------------------
+    @property
+    def summary(self) -> str:
+        """The session's rolling summary (a hash; same hash tag, deleted with the session)."""
+        return self.log.removesuffix(":log") + ":summary"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-#!lua name=engram_v3
+#!lua name=engram_v4
 -- Engram's Redis Functions. Loaded once per primary (FUNCTION LOAD REPLACE) by the operator, the CLI or
 -- the store itself when its user may; tenants' Redis users may only FCALL them (no EVAL, no SCRIPT).
 -- Every function takes the keys of ONE session (one hash tag), plus the tenant's session index where noted
@@ -81,13 +81,16 @@ local function set_label(meta, label)
   if label ~= '' then redis.call('HSET', meta, 'key', label) end
 end
 
--- load_window: KEYS log, meta, turns. ARGV cached_epoch, after_id, token_budget, max_count, turn_id.
--- Returns {epoch, first_id, complete, replay, entries newest-first}. Reads only the entries newer than
--- after_id (when the cached epoch still holds) that fit the budget: never the whole session.
+local load_summary  -- defined with the rolling summary's functions, near the end of this file
+
+-- load_window: KEYS log, meta, turns, summary. ARGV cached_epoch, after_id, token_budget, max_count, turn_id,
+-- summary_batch. Returns {epoch, first_id, complete, replay, entries newest-first, summary}. Reads only the
+-- entries newer than after_id (when the cached epoch still holds) that fit the budget: never the whole
+-- session. summary (see load_summary) is {} unless summary_batch > 0.
 local function load_window(keys, args)
   local log, meta, turns = keys[1], keys[2], keys[3]
   local epoch = redis.call('HGET', meta, 'epoch')
-  if not epoch then return { '', '', 1, {}, {} } end
+  if not epoch then return { '', '', 1, {}, {}, {} } end
   local replay = {}
   if args[5] ~= '' then
     local ids = redis.call('HGET', turns, args[5])
@@ -114,7 +117,7 @@ local function load_window(keys, args)
     if #batch < chunk then complete = 1; break end
     upper = '(' .. batch[#batch][1]
   end
-  return { epoch, first_id, complete, replay, out }
+  return { epoch, first_id, complete, replay, out, load_summary(log, keys[4], epoch, tonumber(args[6]) or 0) }
 end
 
 -- commit: KEYS log, meta, turns, index. ARGV turn_id, ttl, max_messages, session_id, label, count,
@@ -235,9 +238,10 @@ local function insert_at(keys, args)
   return entries
 end
 
--- delete_session: KEYS log, meta, turns, index, archive. ARGV session_id. 1 when something was deleted.
+-- delete_session: KEYS log, meta, turns, index, archive, summary. ARGV session_id. 1 when something was deleted.
 local function delete_session(keys, args)
   local existed = redis.call('DEL', keys[1], keys[2], keys[3], keys[5])
+  if keys[6] then redis.call('DEL', keys[6]) end  -- the rolling summary (a summary alone is not a session)
   local indexed = redis.call('ZREM', keys[4], args[1])
   if existed + indexed > 0 then return 1 end
   return 0
@@ -273,16 +277,61 @@ local function take_oldest(keys, args)
   return taken
 end
 
+-- ---- rolling summary ---------------------------------------------------------------------------------
+-- The summary hash: text, covers_through (stream id of the newest message folded in), messages_covered,
+-- tokens (of text), epoch (the session's epoch when it was written). A summary of another epoch is void:
+-- the log was rewritten (replace, delete_at, insert_at) or deleted and re-created since, so it counts
+-- as empty, and the next advance starts over from the log's first message.
+local function current_summary(summary, epoch)
+  local got = redis.call('HMGET', summary, 'text', 'covers_through', 'messages_covered', 'tokens', 'epoch')
+  if got[5] ~= epoch then return '', '', 0, 0 end
+  return got[1] or '', got[2] or '', tonumber(got[3]) or 0, tonumber(got[4]) or 0
+end
+
+-- For the load: {text, covers_through, messages_covered, tokens, probe_id}. probe_id is the id of the
+-- batch-th message after covers_through ('' if there are fewer): when it is older than the window's
+-- first message, at least batch messages have fallen out of the window unsummarized. O(batch) reads.
+load_summary = function(log, summary, epoch, batch)
+  if batch <= 0 or not summary then return {} end
+  local text, covers, covered, tokens = current_summary(summary, epoch)
+  local lower = '-'
+  if covers ~= '' then lower = '(' .. covers end
+  local probe = redis.call('XRANGE', log, lower, '+', 'COUNT', batch)
+  local probe_id = ''
+  if #probe == batch then probe_id = probe[batch][1] end
+  return { text, covers, covered, tokens, probe_id }
+end
+
+-- summary_advance: KEYS log, meta, summary. ARGV epoch, expected_covers_through ('' = none yet), text,
+-- covers_through, count, tokens. Compare-and-set: writes only if the session still has that epoch and
+-- the summary still covers through expected_covers_through; messages_covered grows by exactly count.
+-- Returns 1 when written, 0 when another summarizer (or a rewrite) got there first. The summary lives
+-- as long as the log (its TTL is copied; commit refreshes both).
+local function summary_advance(keys, args)
+  local log, meta, summary = keys[1], keys[2], keys[3]
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch or epoch ~= args[1] then return 0 end
+  local _, covers, covered = current_summary(summary, epoch)
+  if covers ~= args[2] then return 0 end
+  redis.call('HSET', summary, 'text', args[3], 'covers_through', args[4],
+    'messages_covered', covered + tonumber(args[5]), 'tokens', args[6], 'epoch', epoch)
+  local ttl = redis.call('PTTL', log)
+  if ttl > 0 then redis.call('PEXPIRE', summary, ttl) else redis.call('PERSIST', summary) end
+  return 1
+end
+
+
 -- load writes nothing, but is NOT flagged no-writes on purpose: a turn's load must be refused (OOM at
 -- maxmemory, READONLY on a replica) exactly when the commit after it would be, before the model runs.
-redis.register_function('engram_v3_load', load_window)
+redis.register_function('engram_v4_load', load_window)
 -- writable: refused by Redis whenever a write would be (OOM, READONLY, NOREPLICAS); /readyz calls it.
-redis.register_function('engram_v3_writable', function() return 1 end)
-redis.register_function('engram_v3_commit', commit)
-redis.register_function('engram_v3_replace', replace)
-redis.register_function('engram_v3_delete_at', delete_at)
+redis.register_function('engram_v4_writable', function() return 1 end)
+redis.register_function('engram_v4_commit', commit)
+redis.register_function('engram_v4_replace', replace)
+redis.register_function('engram_v4_delete_at', delete_at)
 -- Pure deletes may run when Redis is at maxmemory (noeviction), so a tenant can free space.
-redis.register_function { function_name = 'engram_v3_delete_session', callback = delete_session, flags = { 'allow-oom' } }
-redis.register_function { function_name = 'engram_v3_prune_index', callback = prune_index, flags = { 'allow-oom' } }
-redis.register_function('engram_v3_take_oldest', take_oldest)
-redis.register_function('engram_v3_insert_at', insert_at)
+redis.register_function { function_name = 'engram_v4_delete_session', callback = delete_session, flags = { 'allow-oom' } }
+redis.register_function { function_name = 'engram_v4_prune_index', callback = prune_index, flags = { 'allow-oom' } }
+redis.register_function('engram_v4_take_oldest', take_oldest)
+redis.register_function('engram_v4_insert_at', insert_at)
+redis.register_function('engram_v4_summary_advance', summary_advance)

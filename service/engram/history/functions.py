@@ -3,7 +3,7 @@
 Why Redis Functions rather than EVAL scripts: a function library is loaded once by a privileged user
 (operator, CLI, or the store when it may) and then only *called* with FCALL. Tenant users therefore need
 neither EVAL (arbitrary Lua) nor SCRIPT, and the library is persisted and replicated by Redis itself.
-The library name carries a version (``engram_v3``) so replicas of two releases can run side by side: any
+The library name carries a version (``engram_v4``) so replicas of two releases can run side by side: any
 change to engram.lua bumps it (and the function names), otherwise ensure_library of the old and the new
 release would keep replacing each other's code.
 """
@@ -17,19 +17,21 @@ from redis.exceptions import NoPermissionError
 
 from engram.errors import StoreUnavailable
 
-LIBRARY_NAME = "engram_v3"  # v3: insert_at, sessions labelled with the LlamaIndex key (meta "key")
+LIBRARY_NAME = "engram_v4"  # v4: the rolling summary (load returns it, summary_advance), quotas
+# v3: insert_at, sessions labelled with the LlamaIndex key (meta "key")
 # v2: prune_index, writable, write-checked load; deletes may run at maxmemory
 LIBRARY = resources.files("engram.history").joinpath("engram.lua").read_text(encoding="utf-8")
 
-FN_LOAD = "engram_v3_load"
-FN_COMMIT = "engram_v3_commit"
-FN_REPLACE = "engram_v3_replace"
-FN_DELETE_AT = "engram_v3_delete_at"
-FN_DELETE_SESSION = "engram_v3_delete_session"
-FN_TAKE_OLDEST = "engram_v3_take_oldest"
-FN_PRUNE_INDEX = "engram_v3_prune_index"
-FN_WRITABLE = "engram_v3_writable"
-FN_INSERT_AT = "engram_v3_insert_at"
+FN_LOAD = "engram_v4_load"
+FN_COMMIT = "engram_v4_commit"
+FN_REPLACE = "engram_v4_replace"
+FN_DELETE_AT = "engram_v4_delete_at"
+FN_DELETE_SESSION = "engram_v4_delete_session"
+FN_TAKE_OLDEST = "engram_v4_take_oldest"
+FN_PRUNE_INDEX = "engram_v4_prune_index"
+FN_WRITABLE = "engram_v4_writable"
+FN_INSERT_AT = "engram_v4_insert_at"
+FN_SUMMARY_ADVANCE = "engram_v4_summary_advance"
 
 # Every command a user of Engram's history store sends, or that the library runs on its behalf (ACLs
 # apply inside functions too). This is the explicit allow-list for tenant and service Redis users:
@@ -63,6 +65,10 @@ TENANT_COMMANDS: tuple[str, ...] = (
     "ttl",
     "exists",  # prune_index: is the session's log still there?
     "zrem",  # delete_session, replace and prune_index unindex sessions
+    # the rolling summary: read by load and summary_advance, its TTL copied from the log's
+    "hmget",
+    "pttl",
+    "pexpire",
 )
 
 

@@ -15,6 +15,7 @@ from engram.history.store import HistoryStore
 from engram.policy import Tenant
 from engram.server.auth import Authenticator
 from engram.server.model import ChatModel
+from engram.server.summaries import BackgroundSummaries, SummaryMemory
 from engram.server.turn import NullMemory, SessionMemory, TurnContext, TurnMemory
 from engram.settings import Settings
 
@@ -29,6 +30,7 @@ class Resources:
     model: ChatModel
     auth: Authenticator
     served_by: str
+    summaries: BackgroundSummaries | None = None  # ENGRAM_MEMORY=summary
 
 
 async def get_resources(request: Request) -> Resources:
@@ -61,6 +63,8 @@ TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 async def get_turn_context(resources: ResourcesDep, tenant: TenantDep) -> TurnContext:
     memory: TurnMemory = SessionMemory(resources.store, tenant) if resources.settings.memory == "on" else NullMemory()
+    if resources.summaries is not None:
+        memory = SummaryMemory(resources.store, tenant, resources.summaries)
     return TurnContext(
         store=resources.store, memory=memory, model=resources.model, tenant=tenant, served_by=resources.served_by
     )

@@ -41,7 +41,9 @@ TURN_OUTCOMES = (
     "store_unavailable", "store_read_only", "store_full", "outcome_unknown",
 )  # fmt: skip
 MODEL_OUTCOMES = ("ok", "error")
-REDIS_OPERATIONS = ("load", "commit", "sessions", "messages", "delete", "auth", "ready")
+REDIS_OPERATIONS = ("load", "commit", "sessions", "messages", "delete", "auth", "ready", "summary")
+# A background summary advance (engram.server.summaries): what it did, or why it did not run.
+SUMMARY_OUTCOMES = ("advanced", "nothing", "conflict", "gone", "error", "skipped")
 TURN_STEPS = ("load", "model", "commit")
 
 # Fast paths are sub-millisecond (a cached Redis load); model calls take seconds.
@@ -102,6 +104,15 @@ HTTP_SECONDS = Histogram(
 )
 
 
+SUMMARY_RUNS = Counter(
+    "engram_summary_runs_total", "Background rolling-summary advances by outcome (ENGRAM_MEMORY=summary).", ["outcome"]
+)
+SUMMARY_MESSAGES = Counter("engram_summary_messages_total", "Messages folded into rolling summaries.")
+SUMMARY_SECONDS = Histogram(
+    "engram_summary_seconds", "Duration of a background summary advance (model calls included).", buckets=SLOW_BUCKETS
+)
+
+
 def initialise() -> None:
     """Create every bounded label set at zero, so dashboards and rate() see the series from the start."""
     for cache in CACHE_OUTCOMES:
@@ -116,6 +127,8 @@ def initialise() -> None:
         STEP_SECONDS.labels(step_name)
     for operation in REDIS_OPERATIONS:
         REDIS_ERRORS.labels(operation)
+    for summary in SUMMARY_OUTCOMES:
+        SUMMARY_RUNS.labels(summary)
 
 
 def render() -> tuple[bytes, str]:
@@ -152,6 +165,14 @@ def observe_model(outcome: str, seconds: float) -> None:
     """The model's answer, from the request to its last piece (or its failure)."""
     STEP_SECONDS.labels("model").observe(seconds)
     MODEL_SECONDS.labels(outcome).observe(seconds)
+
+
+def observe_summary(outcome: str, messages: int = 0, seconds: float | None = None) -> None:
+    SUMMARY_RUNS.labels(outcome).inc()
+    if messages:
+        SUMMARY_MESSAGES.inc(messages)
+    if seconds is not None:
+        SUMMARY_SECONDS.observe(seconds)
 
 
 @contextmanager
