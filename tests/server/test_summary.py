@@ -1,0 +1,129 @@
+"""``ENGRAM_MEMORY=summary`` on real replicas over HTTP and a real redis-server: what falls out of the window
+is folded into the session's rolling summary by the replicas in the background, each message exactly once
+while two replicas alternate; the model is given the summary; a turn still costs 2 Redis commands; and
+``GET /v1/sessions/{id}/summary`` answers its contract."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+
+import httpx
+import redis
+
+from engram.echo import echo_summary
+from engram.history.summary import SummaryBudget, advance_summary
+from engram.messages import StoredMessage
+from engram.tokens import default_tokenizer
+from testkit.redis_server import RedisServer
+from tests.history.conftest import make_store
+from tests.server.conftest import MakeService
+from tests.server.support import chat, metric, scrape, start_all
+from tests.server.test_errors import assert_error
+
+TOKEN_LIMIT, SUMMARY_TOKENS, BATCH = 4000, 2000, 32
+SUMMARY_ENV = {
+    "ENGRAM_MEMORY": "summary",
+    "ENGRAM_TOKEN_LIMIT": str(TOKEN_LIMIT),
+    "ENGRAM_SUMMARY_MAX_TOKENS": str(SUMMARY_TOKENS),
+    "ENGRAM_SUMMARY_BATCH": str(BATCH),
+}
+BUDGET = SummaryBudget.of(TOKEN_LIMIT, SUMMARY_TOKENS)
+FOLD = re.compile(r"(\S+)\.\.(\S+) \((\d+)\): (.*)")
+HEADER = re.compile(r"\[summary of (\d+) messages through (\S+)\]")
+
+
+async def echo(previous: str, messages: Sequence[StoredMessage], max_tokens: int) -> str:
+    return echo_summary(previous, messages, max_tokens, default_tokenizer())
+
+
+async def catch_up(redis_url: str, session: str) -> tuple[list[StoredMessage], list[StoredMessage], int]:
+    """Fold what the last turns pushed out of the window (a replica summarizes on the next turn), racing
+    whatever a replica may still be folding; then (log, window, messages this call folded)."""
+    store = make_store(redis_url)
+    try:
+        folded = 0
+        for _ in range(50):  # a conflict means a replica advanced meanwhile: progress, so this ends
+            advance = await advance_summary(store, "default", session, echo, BUDGET)
+            folded += advance.messages
+            if advance.outcome == "nothing":
+                break
+        log = await store.all_messages("default", session)
+        window = await store.load_window("default", session, BUDGET.window_tokens)
+        return log, window.messages, folded
+    finally:
+        await store.client.aclose()
+
+
+def test_two_replicas_alternating_for_300_turns_summarize_every_message_exactly_once(
+    make_service: MakeService, redis_server: RedisServer
+) -> None:
+    replicas = start_all([make_service(redis_server.url, **SUMMARY_ENV) for _ in range(2)])
+    session, replies = "long-1", []
+    with httpx.Client(timeout=15.0) as client:
+        for n in range(300):
+            body = {"session_id": session, "message": f"note {n}", "turn_id": f"t{n}"}
+            response = client.post(replicas[n % 2].url + "/v1/chat", json=body)
+            assert response.status_code == 200, response.text
+            replies.append(response.json()["reply"])
+    by_replicas = sum(metric(scrape(r.url), "engram_summary_messages_total") for r in replicas)
+    assert by_replicas > 0  # the replicas summarized in the background, not only the catch-up below
+    assert all(metric(scrape(r.url), "engram_summary_runs_total", outcome="error") == 0 for r in replicas)
+
+    log, window, folded = asyncio.run(catch_up(redis_server.url, session))
+    assert len(log) == 600
+    summary = httpx.get(f"{replicas[0].url}/v1/sessions/{session}/summary").json()
+    ids = [m.id for m in log]
+    covered = log[: ids.index(summary["covers_through"]) + 1]
+    # none lost, none counted twice: the summary covers exactly the messages before the window, once each
+    assert covered + window == log
+    assert summary["messages_covered"] == len(covered) == by_replicas + folded
+    assert len(covered) > 400  # a small token limit: most messages fell out of the window
+    lines = summary["text"].splitlines()
+    assert HEADER.fullmatch(lines[0]) and HEADER.fullmatch(lines[0])[1] == str(len(covered))  # type: ignore[index]
+    folds = [FOLD.fullmatch(line) for line in lines[1:]]
+    assert all(folds), lines  # every fold kept: nothing dropped for size
+    spans = [(ids.index(f[1]), ids.index(f[2]), int(f[3]), f[4]) for f in folds if f]
+    assert spans[0][0] == 0 and spans[-1][1] == len(covered) - 1
+    assert all(spans[i + 1][0] == spans[i][1] + 1 for i in range(len(spans) - 1))  # adjacent, no overlap
+    assert all(count == last - first + 1 for first, last, count, _ in spans)
+    assert " | ".join(s[3] for s in spans) == " | ".join(m.content for m in covered if m.role == "user")
+
+    # the model was given summary + window: the echo model quotes the summary's first line it was given
+    quoted = [HEADER.search(reply) for reply in replies]
+    assert all(q is None for q in quoted[:20])  # the start of the conversation fits the window
+    assert quoted[-1] is not None and int(quoted[-1][1]) >= len(covered) - 2 * BATCH - 4
+    given = [int(q[1]) for q in quoted if q is not None]
+    assert given == sorted(given) and len(set(given)) > 5  # it grew as the conversation went on
+
+
+def test_a_turn_in_summary_mode_costs_two_redis_commands(make_service: MakeService, redis_server: RedisServer) -> None:
+    service = make_service(redis_server.url, **SUMMARY_ENV).start()
+    for n in range(3):  # warm up: connections, function library
+        assert chat(service.url, "count-1", f"warm {n}").status_code == 200
+    monitor, marker = redis.Redis(port=redis_server.port), redis.Redis(port=redis_server.port)
+    marker.ping()
+    seen: list[str] = []
+    with monitor.monitor() as m:
+        assert chat(service.url, "count-1", "counted").status_code == 200
+        marker.ping()
+        for event in m.listen():
+            if event["command"] == "PING":
+                break
+            if event.get("client_type") != "lua":
+                seen.append(event["command"].split()[0].upper())
+    assert seen == ["FCALL", "FCALL"]  # the load (with the summary), the commit
+
+
+def test_the_summary_endpoint_answers_its_contract(make_service: MakeService, redis_server: RedisServer) -> None:
+    service = make_service(redis_server.url, **SUMMARY_ENV).start()
+    url = service.url + "/v1/sessions/{}/summary"
+    assert_error(httpx.get(url.format("nobody")), 404, "not_found")
+    assert_error(httpx.get(url.format("bad%20id")), 422, "invalid_session_id")
+    assert_error(httpx.get(url.format("x" * 129)), 422, "invalid_session_id")
+    assert chat(service.url, "short-1", "hello").status_code == 200
+    empty = httpx.get(url.format("short-1"))
+    assert empty.status_code == 200 and empty.json() == {"text": "", "covers_through": None, "messages_covered": 0}
+    assert httpx.delete(service.url + "/v1/sessions/short-1").status_code == 204
+    assert_error(httpx.get(url.format("short-1")), 404, "not_found")
