@@ -53,12 +53,12 @@ class Settings(BaseSettings):
     max_messages_per_session: Annotated[int, _bounds(MAX_MESSAGES_PER_SESSION)] = MAX_MESSAGES_PER_SESSION.default
     max_message_bytes: int = Field(32 * 1024, ge=1, le=16 * 1024 * 1024, description="UTF-8 bytes per message")
     cache_sessions: int = Field(10_000, ge=0, description="session tails kept per process (0 = no cache)")
-    memory: Literal["on", "summary", "off"] = Field(
+    memory: Literal["on", "window", "summary", "off"] = Field(
         "on",
-        description="on = the window of history that fits the token limit; summary = the window plus a durable "
-        "rolling summary of what fell out of it (docs/design.md, 'Rolling summary'); off = a benchmark baseline "
-        "only: chat turns skip loading and storing history and the model gets just the new message (a stateless "
-        "service, for comparison; see docs/benchmarks.md)",
+        description="on (or window) = the window of history that fits the token limit; summary = the window plus a "
+        "durable rolling summary of what fell out of it (docs/design.md, 'Rolling summary'); off = a benchmark "
+        "baseline only: chat turns skip loading and storing history and the model gets just the new message (a "
+        "stateless service, for comparison; see docs/benchmarks.md)",
     )
     # --- rolling summary (ENGRAM_MEMORY=summary) ---------------------------------------------------------
     summary_max_tokens: int = Field(

@@ -15,6 +15,13 @@ import redis
 from engram.echo import echo_summary
 from engram.history.summary import SummaryBudget, advance_summary
 from engram.messages import StoredMessage
+from engram.policy import Policy, Tenant
+from engram.server.auth import Authenticator
+from engram.server.deps import Resources, get_turn_context
+from engram.server.model import EchoModel
+from engram.server.summaries import BackgroundSummaries, SummaryMemory
+from engram.server.turn import NullMemory, SessionMemory
+from engram.settings import Settings
 from engram.tokens import default_tokenizer
 from testkit.redis_server import RedisServer
 from tests.history.conftest import make_store
@@ -127,3 +134,31 @@ def test_the_summary_endpoint_answers_its_contract(make_service: MakeService, re
     assert empty.status_code == 200 and empty.json() == {"text": "", "covers_through": None, "messages_covered": 0}
     assert httpx.delete(service.url + "/v1/sessions/short-1").status_code == 204
     assert_error(httpx.get(url.format("short-1")), 404, "not_found")
+
+
+async def test_a_tenants_memory_mode_overrides_the_services_default(redis_url: str) -> None:
+    """The tenant's policy (MemoryNamespace spec.memory, `engram tenant create --memory`) decides; unset, the
+    service's ENGRAM_MEMORY does; ENGRAM_MEMORY=off turns memory off for everyone (a benchmark baseline)."""
+    store = make_store(redis_url)
+    try:
+        for default, tenant_mode, expected in [
+            ("on", None, SessionMemory),
+            ("on", "summary", SummaryMemory),
+            ("window", "summary", SummaryMemory),
+            ("summary", None, SummaryMemory),
+            ("summary", "window", SessionMemory),
+            ("off", "summary", NullMemory),
+        ]:
+            settings = Settings(memory=default, auth="disabled")  # type: ignore[arg-type]
+            model = EchoModel()
+            summaries = (
+                None if default == "off" else BackgroundSummaries(store, model, max_tokens=64, batch=4, concurrency=1)
+            )
+            resources = Resources(
+                settings, store.client, store, model, Authenticator(settings, None), "test", summaries
+            )
+            tenant = Tenant("acme", Policy(memory=tenant_mode))  # type: ignore[arg-type]
+            ctx = await get_turn_context(resources, tenant)
+            assert type(ctx.memory) is expected, (default, tenant_mode)
+    finally:
+        await store.client.aclose()

@@ -155,7 +155,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("could not load Engram's Redis functions (%s); expecting them to be loaded already", error)
     model = build_model(settings)
     summaries = None
-    if settings.memory == "summary":
+    if settings.memory != "off":  # summary mode may be the default or a tenant's choice (its policy's memory)
         summaries = BackgroundSummaries(
             store,
             model,

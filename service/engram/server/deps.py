@@ -30,7 +30,7 @@ class Resources:
     model: ChatModel
     auth: Authenticator
     served_by: str
-    summaries: BackgroundSummaries | None = None  # ENGRAM_MEMORY=summary
+    summaries: BackgroundSummaries | None = None  # unless ENGRAM_MEMORY=off
 
 
 async def get_resources(request: Request) -> Resources:
@@ -62,9 +62,12 @@ TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 
 async def get_turn_context(resources: ResourcesDep, tenant: TenantDep) -> TurnContext:
-    memory: TurnMemory = SessionMemory(resources.store, tenant) if resources.settings.memory == "on" else NullMemory()
-    if resources.summaries is not None:
-        memory = SummaryMemory(resources.store, tenant, resources.summaries)
+    memory: TurnMemory = NullMemory()
+    if resources.settings.memory != "off":
+        mode = tenant.policy.memory or ("summary" if resources.settings.memory == "summary" else "window")
+        memory = SessionMemory(resources.store, tenant)
+        if mode == "summary" and resources.summaries is not None:
+            memory = SummaryMemory(resources.store, tenant, resources.summaries)
     return TurnContext(
         store=resources.store, memory=memory, model=resources.model, tenant=tenant, served_by=resources.served_by
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.errors import EngramError, StoreUnavailable
-from engram.policy import POLICY_FIELDS, RETENTION, Policy, PolicyField
+from engram.policy import MEMORY_MODE, POLICY_FIELDS, RETENTION, Policy, PolicyField
 from engram.redis_keys import KeySpace
 from engram.settings import Settings, get_settings
 from engram.tenancy.apikeys import generate_api_key, hash_secret
@@ -100,6 +100,13 @@ def add_parser(subparsers: Any) -> None:
         help="recorded for reference; `delete --purge` decides what is deleted",
     )
     create.add_argument(
+        MEMORY_MODE.cli_flag,
+        dest=MEMORY_MODE.name,
+        choices=MEMORY_MODE.choices,
+        default=None,
+        help=MEMORY_MODE.description,
+    )
+    create.add_argument(
         "--redis-password-file",
         type=Path,
         help="write the tenant's Redis ACL password to this file (mode 0600); it is shown nowhere else",
@@ -151,7 +158,8 @@ async def _create(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, s
         **{
             f.name: getattr(settings, f.name) if getattr(args, f.name) is None else getattr(args, f.name)
             for f in POLICY_FIELDS
-        }
+        },
+        memory=getattr(args, MEMORY_MODE.name),
     )
     spec = TenantSpec(args.name, policy, args.retention)
     existing = await current_record(nodes, keys, spec.tenant)
