@@ -179,6 +179,10 @@ async def test_the_summary_is_deleted_and_expires_with_its_session(store: Histor
     assert await store.delete_session("acme", "s1")
     assert not await store.client.exists(keys.summary)
     assert await store.read_summary("acme", "s1") is None
+    await fill(store, "s2", 30)
+    await advance_summary(store, "acme", "s2", echo, BUDGET)
+    await store.replace("acme", "s2", [])  # LlamaIndex's set_messages(key, []): the session is deleted
+    assert not await store.client.exists(store.keys.session("acme", "s2").summary)
 
 
 async def test_messages_trimmed_by_retention_before_being_summarized_are_not_counted(store: HistoryStore) -> None:

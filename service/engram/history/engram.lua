@@ -120,7 +120,7 @@ local function load_window(keys, args)
   return { epoch, first_id, complete, replay, out, load_summary(log, keys[4], epoch, tonumber(args[6]) or 0) }
 end
 
--- commit: KEYS log, meta, turns, index. ARGV turn_id, ttl, max_messages, session_id, label, count,
+-- commit: KEYS log, meta, turns, index (then archive, summary: their TTL is refreshed too). ARGV turn_id, ttl, max_messages, session_id, label, count,
 -- then count x (role, content, tokens, extra). label ('' = none) is the LlamaIndex key the session id
 -- stands for, kept in meta when the id cannot be decoded back into it (see llama_index/keys.py). All messages are appended adjacently in one atomic call.
 -- Returns {duplicate(0|1), epoch, entries, previous_id}; a known turn_id returns what was stored the
@@ -155,7 +155,8 @@ local function commit(keys, args)
   return { 0, epoch, entries, previous_id }
 end
 
--- replace: KEYS log, meta, turns, index. ARGV ttl, max_messages, session_id, label, count, messages...
+-- replace: KEYS log, meta, turns, index, archive, summary. ARGV ttl, max_messages, session_id, label, count,
+-- messages...
 -- Atomically swaps the session's whole history (LlamaIndex set_messages). Zero messages = delete.
 local function replace(keys, args)
   local log, meta, turns, index = keys[1], keys[2], keys[3], keys[4]
@@ -163,6 +164,7 @@ local function replace(keys, args)
   redis.call('DEL', log, turns)
   if count == 0 then
     redis.call('DEL', meta)
+    if keys[6] then redis.call('DEL', keys[6]) end  -- the rolling summary goes with the session
     redis.call('ZREM', index, args[3])
     return { '', {} }
   end
