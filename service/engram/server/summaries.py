@@ -68,10 +68,6 @@ class BackgroundSummaries:
             return
         metrics.observe_summary(advance.outcome, advance.messages, time.perf_counter() - started)
 
-    @property
-    def running(self) -> int:
-        return len(self._tasks)
-
     async def aclose(self) -> None:
         """Stop what is running (at shutdown): an advance cut short writes nothing (its CAS never ran)."""
         tasks = list(self._tasks.values())
