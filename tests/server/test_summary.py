@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Sequence
 
 import httpx
 import redis
+from prometheus_client import REGISTRY
 
 from engram.echo import echo_summary
 from engram.history.summary import SummaryBudget, advance_summary
@@ -25,6 +27,7 @@ from engram.settings import Settings
 from engram.tokens import default_tokenizer
 from testkit.redis_server import RedisServer
 from tests.history.conftest import make_store
+from tests.reliability.fake_model import FakeModel
 from tests.server.conftest import MakeService
 from tests.server.support import chat, metric, scrape, start_all
 from tests.server.test_errors import assert_error
@@ -160,5 +163,56 @@ async def test_a_tenants_memory_mode_overrides_the_services_default(redis_url: s
             tenant = Tenant("acme", Policy(memory=tenant_mode))  # type: ignore[arg-type]
             ctx = await get_turn_context(resources, tenant)
             assert type(ctx.memory) is expected, (default, tenant_mode)
+    finally:
+        await store.client.aclose()
+
+
+def test_the_configured_model_writes_the_summary(make_service: MakeService, redis_server: RedisServer) -> None:
+    """ENGRAM_LLM=openai-like: the summary is what the model answered to the summarizing request (a local
+    OpenAI-compatible server), made in the background while the conversation goes on."""
+    with FakeModel() as model:
+        env = {**SUMMARY_ENV, **model.service_env(10.0), "ENGRAM_TOKEN_LIMIT": "200"}
+        env.update(ENGRAM_SUMMARY_MAX_TOKENS="64", ENGRAM_SUMMARY_BATCH="4")
+        service = make_service(redis_server.url, **env).start()
+        for n in range(12):
+            assert chat(service.url, "model-1", f"note {n}: " + "remember this detail " * 5).status_code == 200
+        deadline = time.monotonic() + 20
+        while (summary := httpx.get(service.url + "/v1/sessions/model-1/summary").json())["messages_covered"] == 0:
+            assert time.monotonic() < deadline, "no summary was made"
+            time.sleep(0.05)
+        summarizing = [r for r in model.requests_seen if not r.get("stream")]  # turns stream; summaries do not
+        assert summarizing and "running summary" in summarizing[0]["messages"][0]["content"]
+        first = summarizing[0]["messages"][1]["content"]
+        assert first.startswith("Summary so far:\n(none)\n\nNew messages:\nuser: note 0: remember this detail")
+        assert summarizing[0]["max_tokens"] == 64
+        # the stored text is the model's answer to the newest summarizing request (which folded in the last one)
+        assert summary["text"].startswith("fake reply to ") and "Summary so far:" in summary["text"]
+
+
+async def test_a_failing_summarizer_is_counted_writes_nothing_and_a_later_turn_retries(redis_url: str) -> None:
+    class Unreachable(EchoModel):
+        async def summarize(self, previous: str, messages: Sequence[StoredMessage], max_tokens: int) -> str:
+            raise ConnectionError("model server unreachable")
+
+    store = make_store(redis_url)
+    try:
+        for n in range(30):
+            await store.commit_turn("default", "s1", f"t{n}", f"question {n}", f"answer {n}")
+        window = await store.load_window("default", "s1", 60, summary_batch=4)
+        assert window.summary is not None and window.summary.due
+        summaries = BackgroundSummaries(store, Unreachable(), max_tokens=64, batch=4, concurrency=1)
+        errors_before = REGISTRY.get_sample_value("engram_summary_runs_total", {"outcome": "error"}) or 0
+        skipped_before = REGISTRY.get_sample_value("engram_summary_runs_total", {"outcome": "skipped"}) or 0
+        budget = SummaryBudget(summary_tokens=64, window_tokens=60)
+        assert summaries.schedule("default", "s1", budget, window.messages[0].id)
+        assert not summaries.schedule("default", "s1", budget, window.messages[0].id)  # one per session
+        assert not summaries.schedule("default", "s2", budget, window.messages[0].id)  # the cap of 1
+        await summaries.drain()
+        assert REGISTRY.get_sample_value("engram_summary_runs_total", {"outcome": "error"}) == errors_before + 1
+        assert REGISTRY.get_sample_value("engram_summary_runs_total", {"outcome": "skipped"}) == skipped_before + 2
+        found = await store.read_summary("default", "s1")
+        assert found is not None and found[1].messages_covered == 0  # nothing written
+        assert summaries.schedule("default", "s1", budget, window.messages[0].id)  # a later turn tries again
+        await summaries.drain()
     finally:
         await store.client.aclose()

@@ -68,6 +68,10 @@ class BackgroundSummaries:
             return
         metrics.observe_summary(advance.outcome, advance.messages, time.perf_counter() - started)
 
+    async def drain(self) -> None:
+        """Wait for what is running to finish (tests; a shutdown cancels instead)."""
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
     async def aclose(self) -> None:
         """Stop what is running (at shutdown): an advance cut short writes nothing (its CAS never ran)."""
         tasks = list(self._tasks.values())
