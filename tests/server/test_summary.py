@@ -32,7 +32,7 @@ from tests.server.conftest import MakeService
 from tests.server.support import chat, metric, scrape, start_all
 from tests.server.test_errors import assert_error
 
-TOKEN_LIMIT, SUMMARY_TOKENS, BATCH = 4000, 2000, 32
+TOKEN_LIMIT, SUMMARY_TOKENS, BATCH = 6000, 3000, 32
 SUMMARY_ENV = {
     "ENGRAM_MEMORY": "summary",
     "ENGRAM_TOKEN_LIMIT": str(TOKEN_LIMIT),
