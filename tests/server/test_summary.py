@@ -16,13 +16,13 @@ from prometheus_client import REGISTRY
 
 from engram.echo import echo_summary
 from engram.history.summary import SummaryBudget, advance_summary
-from engram.messages import StoredMessage
+from engram.messages import SUMMARY_PREFIX, StoredMessage
 from engram.policy import Policy, Tenant
 from engram.server.auth import Authenticator
 from engram.server.deps import Resources, get_turn_context
 from engram.server.model import EchoModel
 from engram.server.summaries import BackgroundSummaries, SummaryMemory
-from engram.server.turn import NullMemory, SessionMemory
+from engram.server.turn import NullMemory, SessionMemory, TurnContext, TurnRequest, load, prompt, validate
 from engram.settings import Settings
 from engram.tokens import default_tokenizer
 from testkit.redis_server import RedisServer
@@ -214,5 +214,29 @@ async def test_a_failing_summarizer_is_counted_writes_nothing_and_a_later_turn_r
         assert found is not None and found[1].messages_covered == 0  # nothing written
         assert summaries.schedule("default", "s1", budget, window.messages[0].id)  # a later turn tries again
         await summaries.drain()
+    finally:
+        await store.client.aclose()
+
+
+async def test_the_prompt_opens_with_the_summary_and_its_tokens_count_against_the_limit(redis_url: str) -> None:
+    store = make_store(redis_url)
+    try:
+        for n in range(40):
+            await store.commit_turn("default", "s1", f"t{n}", f"question {n} " * 4, f"answer {n} " * 4)
+        tenant = Tenant("default", Policy(token_limit=200))
+        summaries = BackgroundSummaries(store, EchoModel(), max_tokens=60, batch=4, concurrency=1)
+        await advance_summary(store, "default", "s1", echo, summaries.budget(200))
+        ctx = TurnContext(store, SummaryMemory(store, tenant, summaries), EchoModel(), tenant, "test")
+        turn = validate(ctx, TurnRequest("s1", "and the next question? " * 10))
+        window = await load(ctx, turn)
+        given = prompt(ctx, window, turn)
+        assert window.summary is not None and window.summary.tokens > 0
+        first = given.messages[0]
+        assert first.role == "system" and (first.content or "").startswith(SUMMARY_PREFIX + "\n[summary of ")
+        counted = sum(store.count_tokens(m.content or "") for m in given.messages)
+        assert counted <= given.tokens <= 200  # the summary, the window and the new message within the limit
+        assert len(given.messages) - 2 < len(window.messages)  # the new message's room came out of the window
+        history = given.messages[1:-1]
+        assert [m.content for m in history] == [m.content for m in window.messages[-len(history) :]]
     finally:
         await store.client.aclose()
