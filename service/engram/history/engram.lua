@@ -120,7 +120,7 @@ local function load_window(keys, args)
   return { epoch, first_id, complete, replay, out, load_summary(log, keys[4], epoch, tonumber(args[6]) or 0) }
 end
 
--- commit: KEYS log, meta, turns, index (then archive, summary: their TTL is refreshed too). ARGV turn_id, ttl, max_messages, session_id, label, count,
+-- commit: KEYS log, meta, turns, index. ARGV turn_id, ttl, max_messages, session_id, label, count,
 -- then count x (role, content, tokens, extra). label ('' = none) is the LlamaIndex key the session id
 -- stands for, kept in meta when the id cannot be decoded back into it (see llama_index/keys.py). All messages are appended adjacently in one atomic call.
 -- Returns {duplicate(0|1), epoch, entries, previous_id}; a known turn_id returns what was stored the
@@ -321,7 +321,6 @@ local function summary_advance(keys, args)
   if ttl > 0 then redis.call('PEXPIRE', summary, ttl) else redis.call('PERSIST', summary) end
   return 1
 end
-
 
 -- load writes nothing, but is NOT flagged no-writes on purpose: a turn's load must be refused (OOM at
 -- maxmemory, READONLY on a replica) exactly when the commit after it would be, before the model runs.
