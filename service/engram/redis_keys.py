@@ -6,6 +6,7 @@ Layout (``engram`` is the configurable namespace, ``acme`` a tenant, ``s1`` a se
     engram:acme:{acme:s1}:meta     hash     epoch (changes on any rewrite), created, updated, key (LlamaIndex key)
     engram:acme:{acme:s1}:turns    hash     turn_id -> "<user msg id> <assistant msg id>" (idempotency)
     engram:acme:{acme:s1}:archive  stream   messages LlamaIndex's Memory archived (moved out of the log)
+    engram:acme:{acme:s1}:summary  hash     rolling summary: text, covers_through, messages_covered, tokens, epoch
     engram:acme:sessions           zset     session_id scored by last update (ms): the tenant's session index
     engram:acme:usage              hash     session_id -> bytes of its messages; ":bytes" -> the tenant's total
     engram:acme:expiry             zset     session_id -> ms its keys expire ("inf": no TTL); its size = sessions
@@ -86,9 +87,15 @@ class SessionKeys:
         """The keys that belong to the session itself (deleted with it)."""
         return (self.log, self.meta, self.turns, self.archive)
 
+    # --- rolling summary (docs/design.md, "Rolling summary") ---------------------------------------------
+    @property
+    def summary(self) -> str:
+        """The session's rolling summary (a hash; same hash tag, deleted with the session)."""
+        return self.log.removesuffix(":log") + ":summary"
+
     def function_keys(self) -> tuple[str, ...]:
         """The KEYS of the library's functions that change a session, in their order (engram.lua)."""
-        return (self.log, self.meta, self.turns, self.index, self.archive, self.usage, self.expiry)
+        return (self.log, self.meta, self.turns, self.index, self.archive, self.usage, self.expiry, self.summary)
 
 
 @dataclass(frozen=True, slots=True)

@@ -104,6 +104,19 @@ def test_create_refuses_a_policy_value_that_is_not_an_integer(capsys: pytest.Cap
     assert "argument --ttl: expected an integer in [0, 315360000], got '1h'" in capsys.readouterr().err
 
 
+def test_create_takes_a_memory_mode_or_leaves_it_to_the_service(
+    capsys: pytest.CaptureFixture[str], admin: redis.Redis
+) -> None:
+    assert run(capsys, "create", "acme", "--memory", "summary")[0] == EXIT_OK
+    assert admin.hget(KEYS.tenant_record("acme"), "memory") == "summary"
+    assert run(capsys, "create", "other")[0] == EXIT_OK
+    assert admin.hget(KEYS.tenant_record("other"), "memory") == ""  # unset: ENGRAM_MEMORY decides
+    with pytest.raises(SystemExit) as exited:
+        main(["tenant", "create", "third", "--memory", "everything"])
+    assert exited.value.code == 2 and "invalid choice: 'everything'" in capsys.readouterr().err
+    assert not admin.exists(KEYS.tenant_record("third"))
+
+
 def test_creating_an_existing_tenant_is_refused_and_prints_no_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "create", "acme")[0] == EXIT_OK
     code, out, err = run(capsys, "create", "acme")

@@ -17,7 +17,7 @@ from redis.exceptions import NoPermissionError
 
 from engram.errors import StoreUnavailable
 
-LIBRARY_NAME = "engram_v4"  # v4: quotas (usage, expiry), rate limit in load, subjects
+LIBRARY_NAME = "engram_v4"  # v4: quotas (usage, expiry), rate limit in load, subjects, the rolling summary
 # v3: insert_at, sessions labelled with the LlamaIndex key (meta "key")
 # v2: prune_index, writable, write-checked load; deletes may run at maxmemory
 LIBRARY = resources.files("engram.history").joinpath("engram.lua").read_text(encoding="utf-8")
@@ -33,6 +33,7 @@ FN_WRITABLE = "engram_v4_writable"
 FN_INSERT_AT = "engram_v4_insert_at"
 FN_RATE = "engram_v4_rate"
 FN_USAGE = "engram_v4_usage"
+FN_SUMMARY_ADVANCE = "engram_v4_summary_advance"
 
 # Every command a user of Engram's history store sends, or that the library runs on its behalf (ACLs
 # apply inside functions too). This is the explicit allow-list for tenant and service Redis users:
@@ -71,6 +72,10 @@ TENANT_COMMANDS: tuple[str, ...] = (
     "hexists",
     "sadd",  # a subject's set of sessions
     "srem",
+    # the rolling summary: read by load and summary_advance, its TTL copied from the log's
+    "hmget",
+    "pttl",
+    "pexpire",
 )
 
 

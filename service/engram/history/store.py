@@ -53,6 +53,7 @@ from engram.history.functions import (
     FN_PRUNE_INDEX,
     FN_RATE,
     FN_REPLACE,
+    FN_SUMMARY_ADVANCE,
     FN_TAKE_OLDEST,
     FN_USAGE,
     FN_WRITABLE,
@@ -64,9 +65,11 @@ from engram.messages import (
     NewMessage,
     SessionInfo,
     SessionPage,
+    SessionSummary,
     StoredMessage,
     Usage,
     Window,
+    stream_id_key,
 )
 from engram.policy import Policy
 from engram.redis_keys import (
@@ -139,6 +142,16 @@ def _library_refusal(message: str) -> EngramError | None:
     if word == "ENGRAM_SUBJECT":
         return SubjectMismatch("this session belongs to another subject; a session has one subject")
     return None
+
+
+def _parse_summary(raw: Sequence[Any], window: Sequence[StoredMessage]) -> SessionSummary:
+    """The load's summary reply ``[text, covers_through, messages_covered, tokens, probe_id]``; due when
+    the probe (the batch-th uncovered message) is older than the window's first message."""
+    if not raw:
+        return SessionSummary()
+    text, covers, covered, tokens, probe = (_text(v) for v in raw)
+    due = bool(probe) and bool(window) and stream_id_key(probe) < stream_id_key(window[0].id)
+    return SessionSummary(text, covers or None, int(covered), int(tokens), due)
 
 
 def _encode_cursor(value: str) -> str:
@@ -295,13 +308,16 @@ class HistoryStore:
         token_budget: int,
         *,
         turn_id: str | None = None,
+        summary_batch: int = 0,
         policy: Policy | None = None,
     ) -> Window:
         """The newest messages that fit ``token_budget``, oldest first, in one round trip.
 
         With ``turn_id``, ``Window.replay`` carries that turn if it was already committed (a client
-        retry): the caller can answer it without running the model again. With a ``policy`` that limits
-        the tenant's request rate, the same call counts the request (:class:`RateLimited` when over it).
+        retry): the caller can answer it without running the model again. With ``summary_batch`` > 0,
+        ``Window.summary`` is the session's rolling summary, read in the same call, and ``due`` when at
+        least that many messages older than the window are not covered by it yet. With a ``policy`` that
+        limits the tenant's request rate, the same call counts the request (:class:`RateLimited` when over it).
         """
         keys = self._session(tenant, session_id)
         if turn_id is not None:
@@ -316,21 +332,23 @@ class HistoryStore:
         raw = await self._call(
             lambda: self.client.fcall(
                 FN_LOAD,
-                4,
+                5,
                 keys.log,
                 keys.meta,
                 keys.turns,
+                keys.summary,
                 keys.rate,
                 request.epoch,
                 request.after_id,
                 token_budget,
                 self.max_window_messages,
                 turn_id or "",
+                summary_batch,
                 rate,
                 burst,
             )
         )
-        epoch, first_id, complete, replay_entries, entries = raw
+        epoch, first_id, complete, replay_entries, entries = raw[:5]
         reply = LoadReply(
             epoch=_text(epoch),
             first_id=_text(first_id),
@@ -345,7 +363,8 @@ class HistoryStore:
             replay = CommittedTurn(turn_id, [_parse_entry(e) for e in replay_entries], duplicate=True)
         fitted = new_tail.messages if new_tail else ()
         reaches_start = new_tail.complete if new_tail else True
-        return Window(messages, outcome, sum(m.tokens for m in messages), replay, fitted, reaches_start)
+        summary = _parse_summary(raw[5], messages) if summary_batch > 0 else None
+        return Window(messages, outcome, sum(m.tokens for m in messages), replay, fitted, reaches_start, summary)
 
     async def commit_turn(
         self,
@@ -408,6 +427,61 @@ class HistoryStore:
             return CommittedTurn(turn_id or "", entries, duplicate=True)
         self.cache.extend(keys.log, epoch, _text(raw[3]), entries, policy.token_limit)
         return CommittedTurn(turn_id or "", entries, usage=Usage(int(raw[4]), int(raw[5])))
+
+    # --- rolling summary (off the hot path; docs/design.md, "Rolling summary") -------------------------
+    async def read_summary(self, tenant: str, session_id: str) -> tuple[str, SessionSummary] | None:
+        """``(epoch, summary)`` of the session, or None when it does not exist. A summary written under
+        another epoch (the log was rewritten since) is void: an empty summary is returned."""
+        keys = self._session(tenant, session_id)
+        async with self._redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hget(keys.meta, "epoch")
+                pipe.hgetall(keys.summary)
+                epoch, fields = await pipe.execute()
+        if epoch is None:
+            return None
+        epoch = _text(epoch)
+        stored = {_text(k): _text(v) for k, v in (fields or {}).items()}
+        if stored.get("epoch") != epoch:
+            return epoch, SessionSummary()
+        return epoch, SessionSummary(
+            stored.get("text", ""),
+            stored.get("covers_through") or None,
+            int(stored.get("messages_covered", "0")),
+            int(stored.get("tokens", "0")),
+        )
+
+    async def messages_after(
+        self, tenant: str, session_id: str, after: str | None, before: str | None, count: int
+    ) -> list[StoredMessage]:
+        """At most ``count`` messages with ids after ``after`` and before ``before`` (both exclusive; None:
+        from the start / to the end), oldest first: what a summarizer folds next."""
+        keys = self._session(tenant, session_id)
+        async with self._redis_errors():
+            entries = await self.client.xrange(
+                keys.log, min="-" if after is None else f"({after}", max="+" if before is None else f"({before}",
+                count=count,
+            ) or []  # fmt: skip
+        return [_parse_entry(e) for e in entries]
+
+    async def advance_summary(
+        self,
+        tenant: str,
+        session_id: str,
+        epoch: str,
+        expected: str | None,
+        text: str,
+        covers_through: str,
+        count: int,
+    ) -> bool:
+        """Compare-and-set: store ``text`` as the summary covering ``count`` more messages, through
+        ``covers_through``, only if the session still has ``epoch`` and its summary still covers through
+        ``expected``. False when another summarizer or a rewrite got there first (drop the result)."""
+        keys = self._session(tenant, session_id)
+        tokens = self.count_tokens(text)
+        args = (keys.log, keys.meta, keys.summary, epoch, expected or "", text, covers_through, count, tokens)
+        raw = await self._call(lambda: self.client.fcall(FN_SUMMARY_ADVANCE, 3, *args))
+        return int(raw) == 1
 
     # --- whole-session operations (LlamaIndex chat-store semantics) -------------------------------------
     async def replace(

@@ -80,6 +80,11 @@ class _BackgroundLoop:
 _background = _BackgroundLoop()
 
 
+def background_loop() -> asyncio.AbstractEventLoop:
+    """The loop of Engram's background thread (sync calls, and work no caller waits for)."""
+    return _background.loop()
+
+
 class StoreRuntime:
     """Hands out the right :class:`HistoryStore` for the calling loop, and runs sync calls."""
 

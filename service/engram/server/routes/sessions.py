@@ -24,7 +24,9 @@ from engram.server.schemas import (
     SessionList,
     SessionOut,
     SubjectErased,
+    SummaryOut,
 )
+from engram.server.summaries import session_summary
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES)
 
@@ -59,6 +61,20 @@ async def list_messages(
     with metrics.redis_operation("messages"):
         page = await store.messages(tenant.name, validate_session_id(session_id), limit=limit, cursor=cursor)
     return MessageList(messages=[MessageOut.of(m) for m in page.messages], next=page.next_cursor)
+
+
+@router.get(
+    "/{session_id}/summary",
+    response_model=SummaryOut,
+    responses={404: {"model": ErrorBody, "description": "no such session"}},
+)
+async def get_summary(session_id: SessionId, store: StoreDep, tenant: MeteredTenantDep) -> SummaryOut:
+    """The session's rolling summary (ENGRAM_MEMORY=summary): what fell out of the window, folded."""
+    with metrics.redis_operation("summary"):
+        summary = await session_summary(store, tenant.name, validate_session_id(session_id))
+    if summary is None:
+        raise NotFound(f"no session {session_id!r}")
+    return SummaryOut.of(summary)
 
 
 @router.delete(
