@@ -6,6 +6,8 @@ Layout (``engram`` is the configurable namespace, ``acme`` a tenant, ``s1`` a se
     engram:acme:{acme:s1}:meta     hash     epoch (changes on any rewrite), created, updated, key (LlamaIndex key)
     engram:acme:{acme:s1}:turns    hash     turn_id -> "<user msg id> <assistant msg id>" (idempotency)
     engram:acme:{acme:s1}:archive  stream   messages LlamaIndex's Memory archived (moved out of the log)
+    engram:acme:{acme:s1}:facts    zset     LlamaIndex memory blocks' facts: "<block id>:<fact>" scored by server time
+    engram:acme:{acme:s1}:blocks   hash     other memory blocks' state: "<block id>" -> JSON (static content)
     engram:acme:sessions           zset     session_id scored by last update (ms): the tenant's session index
     engram:_sys:tenant:acme        hash     tenant registry record (policy, API-key hash) - NOT tenant-writable
     engram:_sys:tenants            set      names of registered tenants
@@ -73,6 +75,18 @@ class SessionKeys:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockKeys:
+    """The keys of one session's durable memory blocks (same hash tag as :class:`SessionKeys`)."""
+
+    facts: str  # zset: every fact-extraction block's facts, member "<block id>:<fact>"
+    blocks: str  # hash: "<block id>" -> JSON state of other blocks (static content)
+
+    def all(self) -> tuple[str, str]:
+        """Both keys (deleted with the session)."""
+        return (self.facts, self.blocks)
+
+
+@dataclass(frozen=True, slots=True)
 class KeySpace:
     """Builds keys under one namespace (``engram`` by default)."""
 
@@ -120,6 +134,12 @@ class KeySpace:
             return None
         session_id, brace, _ = key[len(prefix) :].partition("}")
         return session_id if brace and SESSION_ID_PATTERN.fullmatch(session_id) else None
+
+    # --- durable memory blocks (LlamaIndex ``Memory``; engram.history.blocks) -----------------------
+    def memory_blocks(self, tenant: str, session_id: str) -> BlockKeys:
+        """The keys holding a session's memory blocks' state: in the session's hash tag (its slot)."""
+        base = f"{self.tenant_prefix(tenant)}{{{tenant}:{validate_session_id(session_id)}}}"
+        return BlockKeys(facts=f"{base}:facts", blocks=f"{base}:blocks")
 
     # --- system space (operator / CLI only; never in a tenant's ACL) ---------------------------------
     def tenant_record(self, tenant: str) -> str:
