@@ -291,7 +291,7 @@ async def test_a_pickled_block_reconnects_by_url_and_sees_the_same_state(redis_u
 
 
 def test_durable_memory_refuses_blocks_of_another_tenant_and_in_process_facts(store: HistoryStore) -> None:
-    with pytest.raises(ValueError, match="another Redis, namespace or tenant"):
+    with pytest.raises(ValueError, match="another namespace or tenant"):
         durable_memory("s1", store=store, memory_blocks=[fact_block(store, tenant="acme")])
     with pytest.raises(ValueError, match="facts in the process"):
         durable_memory("s1", store=store, memory_blocks=[FactExtractionMemoryBlock(llm=FactLLM(), facts=["x"])])

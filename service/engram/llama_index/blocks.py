@@ -213,10 +213,9 @@ class EngramStaticMemoryBlock(_DurableBlock, StaticMemoryBlock):
 
 def _durable(block: BaseMemoryBlock[Any], chat_store: EngramDBChatStore) -> BaseMemoryBlock[Any]:
     """``block`` keeping its state where ``chat_store`` keeps the session's messages."""
-    where = {"redis_url": chat_store.redis_url, "namespace": chat_store.namespace, "tenant": chat_store.tenant}
     if isinstance(block, _DurableBlock):
-        if {name: getattr(block, name) for name in where} != where:
-            raise ValueError(f"memory block {block.name!r} is on another Redis, namespace or tenant than the memory")
+        if (block.namespace, block.tenant) != (chat_store.namespace, chat_store.tenant):
+            raise ValueError(f"memory block {block.name!r} is in another namespace or tenant than the memory")
         return block
     common = {
         "name": block.name,
@@ -259,8 +258,9 @@ def durable_memory(
 
     Give the Redis as ``redis_url``, ``store`` (a :class:`HistoryStore`) or a ready ``chat_store``.
     ``FactExtractionMemoryBlock`` and ``StaticMemoryBlock`` among ``memory_blocks`` are replaced by their
-    durable versions (same settings, state in Redis); Engram blocks must be on the same Redis, namespace and
-    tenant; other blocks are kept. ``memory_kwargs`` go to ``Memory.from_defaults`` (``token_limit``, ...).
+    durable versions (same settings, state in Redis, on the chat store's connection); Engram blocks must be in
+    the memory's namespace and tenant; other blocks are kept. ``memory_kwargs`` go to
+    ``Memory.from_defaults`` (``token_limit``, ...).
     """
     if chat_store is None:
         connection: dict[str, Any] = {"store": store} if store is not None else {"redis_url": redis_url}
