@@ -50,9 +50,13 @@ async def set_static(url: str, session: str, text: str) -> None:
     await block.aset_content(text, session)
 
 
-async def get_static(url: str, session: str) -> None:
-    memory = durable_memory(session, redis_url=url, memory_blocks=[StaticMemoryBlock(static_content="default")])
-    print(json.dumps("\n".join(m.content or "" for m in await memory.aget())))
+async def get_static(url: str, *sessions: str) -> None:
+    """Prints what a fresh ``Memory`` of each session hands the model (one text per session)."""
+    seen = []
+    for session in sessions:
+        memory = durable_memory(session, redis_url=url, memory_blocks=[StaticMemoryBlock(static_content="default")])
+        seen.append("\n".join(m.content or "" for m in await memory.aget()))
+    print(json.dumps(seen[0] if len(seen) == 1 else seen))
 
 
 if __name__ == "__main__":

@@ -124,9 +124,16 @@ class EngramFactExtractionMemoryBlock(_DurableBlock, FactExtractionMemoryBlock):
         """Add facts to the session's (the ones not there yet), condensing with the model if over ``max_facts``."""
         await self._add(list(facts), self._session(session_key), [])
 
+    def add_facts(self, facts: Iterable[str], session_key: str | None = None) -> None:
+        self.runtime.call_sync(lambda _: self.aadd_facts(list(facts), session_key))
+
     async def aclear_facts(self, session_key: str | None = None) -> None:
+        """Forget the session's facts (this block's only)."""
         state = await self._block_state()
         await state.clear_facts(self.tenant, self._session(session_key), self.block_id)
+
+    def clear_facts(self, session_key: str | None = None) -> None:
+        self.runtime.call_sync(lambda _: self.aclear_facts(session_key))
 
     # --- LlamaIndex's block interface -------------------------------------------------------------------
     async def _aget(self, messages: list[ChatMessage] | None = None, **block_kwargs: Any) -> str:
