@@ -43,6 +43,20 @@ async def extract(url: str, session: str, name: str, count: str, max_facts: str)
     print("done", flush=True)
 
 
+async def converse(url: str, session: str, name: str, count: str) -> None:
+    """Wait for "go" on stdin, then chat ``count`` turns through a small ``Memory`` on the shared session."""
+    memory = durable_memory(
+        session, redis_url=url, token_limit=30, token_flush_size=6, tokenizer_fn=str.split,
+        memory_blocks=[FactExtractionMemoryBlock(llm=FactLLM(), max_facts=10_000)],
+    )  # fmt: skip
+    print("ready", flush=True)
+    assert sys.stdin.readline().strip() == "go"
+    for n in range(int(count)):
+        await memory.aput(ChatMessage(role="user", content=f"{name} says {n}"))
+        await memory.aput(ChatMessage(role="assistant", content=f"ok {name} {n}"))
+    print("done", flush=True)
+
+
 async def set_static(url: str, session: str, text: str) -> None:
     memory = durable_memory(session, redis_url=url, memory_blocks=[StaticMemoryBlock(static_content="default")])
     block = memory.memory_blocks[0]
@@ -61,5 +75,12 @@ async def get_static(url: str, *sessions: str) -> None:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    work = {"learn": learn, "recall": recall, "extract": extract, "set-static": set_static, "get-static": get_static}
+    work = {
+        "learn": learn,
+        "recall": recall,
+        "extract": extract,
+        "converse": converse,
+        "set-static": set_static,
+        "get-static": get_static,
+    }
     asyncio.run(work[command](*args))

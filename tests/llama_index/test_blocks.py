@@ -102,6 +102,18 @@ def test_four_processes_extracting_facts_on_one_session_lose_none(redis_url: str
         assert [f for f in facts if f.startswith(f"{name} ")] == [f"{name} fact {n}" for n in range(count)]
 
 
+async def test_four_processes_chatting_on_one_session_lose_no_fact_when_memory_flushes_concurrently(
+    redis_url: str, store: HistoryStore
+) -> None:
+    names, count = ["p0", "p1", "p2", "p3"], 15
+    run_at_once([["converse", redis_url, "s1", name, str(count)] for name in names])
+    facts = await fact_block(store).aget_facts("s1")
+    active = [m.content for m in await EngramDBChatStore(store=store).get_messages("s1")]
+    said = {f"{name} says {n}" for name in names for n in range(count)}
+    assert set(facts) | set(active) >= said  # every user message was either extracted or is still in the window
+    assert len(facts) == len(set(facts)) and set(facts) <= said
+
+
 async def test_four_processes_extracting_past_max_facts_condense_within_the_bound_and_lose_nothing(
     redis_url: str, store: HistoryStore
 ) -> None:

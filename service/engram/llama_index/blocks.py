@@ -10,9 +10,11 @@ content in the object, so what one replica learnt the next one never sees and a 
   :mod:`engram.history.blocks`).
 - :class:`EngramStaticMemoryBlock` returns the content stored for the session (set with ``aset_content``
   from any process), or its ``static_content`` for a session whose content was never set.
-- :func:`durable_memory` builds a LlamaIndex ``Memory`` on :class:`EngramDBChatStore` whose fact and static
-  blocks (LlamaIndex's or these) keep their state in Redis. Other blocks (e.g. ``VectorMemoryBlock``) are
-  kept as they are: their state is already in the vector store the user gave them.
+- :func:`durable_memory` builds a LlamaIndex ``Memory`` (a :class:`DurableMemory`) on
+  :class:`EngramDBChatStore` whose fact and static blocks (LlamaIndex's or these) keep their state in Redis,
+  and whose flushes hand the fact blocks the messages the store really archived (so concurrent replicas'
+  flushes lose none). Other blocks (e.g. ``VectorMemoryBlock``) are kept as they are: their state is
+  already in the vector store the user gave them.
 
 A block serves any session: ``Memory`` hands it its ``session_id`` on every read and write, and the block
 keeps nothing of a session in the process (``facts`` stays empty), so one block object may be shared by the
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from llama_index.core.base.llms.types import ChatMessage, ContentBlock, TextBlock
 from llama_index.core.bridge.pydantic import Field, TypeAdapter, field_validator
@@ -43,7 +45,7 @@ from llama_index.core.memory.memory_blocks import FactExtractionMemoryBlock, Sta
 from engram.history.blocks import BlockState, Condensed
 from engram.history.store import HistoryStore
 from engram.llama_index._runtime import StoreFields
-from engram.llama_index.db_chat_store import EngramDBChatStore
+from engram.llama_index.db_chat_store import ARCHIVED, EngramDBChatStore
 from engram.llama_index.keys import session_id_for
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,14 @@ class EngramFactExtractionMemoryBlock(_DurableBlock, FactExtractionMemoryBlock):
         self.runtime.call_sync(lambda _: self.aclear_facts(session_key))
 
     # --- LlamaIndex's block interface -------------------------------------------------------------------
+    async def aput(
+        self, messages: list[ChatMessage], from_short_term_memory: bool = False, session_id: str | None = None
+    ) -> None:
+        batches = ARCHIVED.get()
+        if from_short_term_memory and batches:  # flushed by a DurableMemory: what the store really archived
+            messages = batches[-1]
+        await super().aput(messages, from_short_term_memory, session_id)
+
     async def _aget(self, messages: list[ChatMessage] | None = None, **block_kwargs: Any) -> str:
         return _format_facts(await self.aget_facts(block_kwargs.get("session_id")))
 
@@ -249,6 +259,29 @@ def _durable(block: BaseMemoryBlock[Any], chat_store: EngramDBChatStore) -> Base
     return block  # e.g. VectorMemoryBlock: its state is in the vector store it was given
 
 
+class DurableMemory(Memory):
+    """LlamaIndex's ``Memory`` whose durable fact blocks extract from the messages the store really archived.
+
+    ``Memory`` reads the window, picks the oldest messages to flush, archives that many, and hands the
+    blocks the messages it read. When two replicas flush one session at once, both read the same oldest
+    messages and both archive as many: the store archives twice as many (atomically, none lost), but both
+    replicas hand the blocks the first batch, so the second batch is never extracted. Here each flush hands
+    the durable blocks the batch its own ``archive_oldest_messages`` call took (see ``ARCHIVED``): every
+    archived message is extracted once. Other blocks (e.g. vector blocks) get what ``Memory`` gives them.
+    """
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "EngramDurableMemory"
+
+    async def _manage_queue(self) -> None:
+        token = ARCHIVED.set([])
+        try:
+            await super()._manage_queue()
+        finally:
+            ARCHIVED.reset(token)
+
+
 def durable_memory(
     session_key: str,
     *,
@@ -260,7 +293,7 @@ def durable_memory(
     ttl: int = 0,
     memory_blocks: Sequence[BaseMemoryBlock[Any]] = (),
     **memory_kwargs: Any,
-) -> Memory:
+) -> DurableMemory:
     """A LlamaIndex ``Memory`` for ``session_key`` whose messages and blocks' state live in Engram's Redis.
 
     Give the Redis as ``redis_url``, ``store`` (a :class:`HistoryStore`) or a ready ``chat_store``.
@@ -274,9 +307,10 @@ def durable_memory(
         chat_store = EngramDBChatStore(**connection, tenant=tenant, namespace=namespace, ttl=ttl)
     elif redis_url is not None or store is not None:
         raise TypeError("pass one of chat_store=, store= or redis_url=")
-    return Memory.from_defaults(
+    memory = DurableMemory.from_defaults(  # cls(...): a DurableMemory, typed as Memory by LlamaIndex
         session_id=session_key,
         chat_store=chat_store,
         memory_blocks=[_durable(block, chat_store) for block in memory_blocks],
         **memory_kwargs,
     )
+    return cast(DurableMemory, memory)
