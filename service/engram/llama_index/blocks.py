@@ -71,11 +71,10 @@ class _DurableBlock(StoreFields):
         """The block's name as Redis stores it (names are free text; ids are session-id-like)."""
         return session_id_for(getattr(self, "name"))  # noqa: B009 - the LlamaIndex base class declares it
 
-    def _state(self, store: HistoryStore) -> BlockState:
+    def _state(self) -> BlockState:
+        """The blocks' Redis state through the store of the running event loop."""
+        store = self.runtime.current()
         return BlockState(store.client, store.keys)
-
-    async def _block_state(self) -> BlockState:
-        return self._state(self.runtime.current())
 
     def _session(self, session_key: str | None) -> str:
         """The Engram session id of the session a call is about (Memory's ``session_id``, or the bound key)."""
@@ -116,7 +115,7 @@ class EngramFactExtractionMemoryBlock(_DurableBlock, FactExtractionMemoryBlock):
     # --- the session's facts ----------------------------------------------------------------------------
     async def aget_facts(self, session_key: str | None = None) -> list[str]:
         """The session's facts, oldest first."""
-        state = await self._block_state()
+        state = self._state()
         return [f.text for f in await state.facts(self.tenant, self._session(session_key), self.block_id, self.ttl)]
 
     def get_facts(self, session_key: str | None = None) -> list[str]:
@@ -131,7 +130,7 @@ class EngramFactExtractionMemoryBlock(_DurableBlock, FactExtractionMemoryBlock):
 
     async def aclear_facts(self, session_key: str | None = None) -> None:
         """Forget the session's facts (this block's only)."""
-        state = await self._block_state()
+        state = self._state()
         await state.clear_facts(self.tenant, self._session(session_key), self.block_id)
 
     def clear_facts(self, session_key: str | None = None) -> None:
@@ -141,19 +140,30 @@ class EngramFactExtractionMemoryBlock(_DurableBlock, FactExtractionMemoryBlock):
     async def aput(
         self, messages: list[ChatMessage], from_short_term_memory: bool = False, session_id: str | None = None
     ) -> None:
+        """As LlamaIndex's (the session id is stamped on the messages), with the session passed on explicitly;
+        flushed by a :class:`DurableMemory`, it extracts from what the store really archived."""
+        if from_short_term_memory and not self.accept_short_term_memory:
+            return
         batches = ARCHIVED.get()
-        if from_short_term_memory and batches:  # flushed by a DurableMemory: what the store really archived
+        if from_short_term_memory and batches:
             messages = batches[-1]
-        await super().aput(messages, from_short_term_memory, session_id)
+        if session_id is not None:
+            for message in messages:
+                message.additional_kwargs["session_id"] = session_id
+        await self._extract(messages, self._session(session_id))
 
     async def _aget(self, messages: list[ChatMessage] | None = None, **block_kwargs: Any) -> str:
         return _format_facts(await self.aget_facts(block_kwargs.get("session_id")))
 
     async def _aput(self, messages: list[ChatMessage]) -> None:
+        await self._extract(messages, self._session(self._session_of_put(messages)))
+
+    async def _extract(self, messages: list[ChatMessage], session: str) -> None:
+        """LlamaIndex's extraction, on the session's facts in Redis: read them for the prompt, ask the
+        model, add what it found (nothing another replica added meanwhile is lost), condense if over."""
         if not messages:
             return
-        session = self._session(self._session_of_put(messages))
-        state = await self._block_state()
+        state = self._state()
         existing = await state.facts(self.tenant, session, self.block_id, self.ttl)
         prompt = self.fact_extraction_prompt_template.format_messages(
             existing_facts=_format_facts([f.text for f in existing])
@@ -162,7 +172,7 @@ class EngramFactExtractionMemoryBlock(_DurableBlock, FactExtractionMemoryBlock):
         await self._add(self._parse_facts_xml(response.message.content or ""), session, messages)
 
     async def _add(self, facts: list[str], session: str, messages: Sequence[ChatMessage]) -> None:
-        state = await self._block_state()
+        state = self._state()
         if await state.add_facts(self.tenant, session, self.block_id, facts, self.ttl) > self.max_facts:
             await self._condense(state, session, messages)
 
@@ -205,7 +215,7 @@ class EngramStaticMemoryBlock(_DurableBlock, StaticMemoryBlock):
 
     async def aget_content(self, session_key: str | None = None) -> list[ContentBlock]:
         """The session's content: the stored one, else ``static_content``."""
-        state = await self._block_state()
+        state = self._state()
         stored = await state.state(self.tenant, self._session(session_key), self.block_id, self.ttl)
         return list(self.static_content) if stored is None else _CONTENT.validate_json(stored)
 
@@ -217,7 +227,7 @@ class EngramStaticMemoryBlock(_DurableBlock, StaticMemoryBlock):
         blocks: list[ContentBlock] | None = (
             [TextBlock(text=content)] if isinstance(content, str) else None if content is None else list(content)
         )
-        state = await self._block_state()
+        state = self._state()
         value = None if blocks is None else _CONTENT.dump_json(blocks).decode()
         await state.set_state(self.tenant, self._session(session_key), self.block_id, value, self.ttl)
 
