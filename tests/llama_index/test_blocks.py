@@ -15,6 +15,7 @@ import pytest
 from llama_index.core.base.llms.types import ChatMessage, TextBlock
 from llama_index.core.memory import Memory
 from llama_index.core.memory.memory_blocks import FactExtractionMemoryBlock, StaticMemoryBlock
+from redis.exceptions import NoPermissionError
 
 from engram.connections import create_redis
 from engram.history import HistoryStore
@@ -340,6 +341,13 @@ async def test_a_tenant_acl_user_can_run_the_blocks_including_a_condensation(red
     static = EngramStaticMemoryBlock(store=store, tenant="acme")
     await static.aset_content("hello", "s1")
     assert [b.text for b in await static.aget_content("s1")] == ["hello"]
-    with pytest.raises(Exception, match="permission"):
+    with pytest.raises(NoPermissionError):
         await fact_block(store, tenant="globex").aget_facts("s1")
+    async with tenant.pipeline(transaction=True) as pipe:  # transactions reach no other tenant's key either
+        with pytest.raises(NoPermissionError):
+            await pipe.watch(KEYS.memory_blocks("globex", "s1").facts)
+    async with tenant.pipeline(transaction=True) as pipe:
+        pipe.zadd(KEYS.memory_blocks("globex", "s1").facts, {"x": 1})
+        with pytest.raises(NoPermissionError):
+            await pipe.execute()
     await tenant.aclose()
