@@ -19,6 +19,7 @@ from redis.exceptions import NoPermissionError
 
 from engram.connections import create_redis
 from engram.history import HistoryStore
+from engram.history.blocks import BlockState
 from engram.llama_index import (
     EngramDBChatStore,
     EngramFactExtractionMemoryBlock,
@@ -252,6 +253,7 @@ async def test_block_keys_share_the_session_slot_and_follow_its_ttl(store: Histo
         keys.facts,
         keys.blocks,
     }
+    assert {KEYS.session_id_of("default", key) for key in keys.all()} == {"s1"}
     for key in keys.all():
         assert 3590 <= await store.client.ttl(key) <= 3600
         await store.client.expire(key, 100)  # a read gives the session's TTL back once it runs low
@@ -261,6 +263,8 @@ async def test_block_keys_share_the_session_slot_and_follow_its_ttl(store: Histo
     await store.client.persist(keys.facts)
     await memory.aget()
     assert await store.client.ttl(keys.facts) > 3000
+    assert await BlockState(store.client, KEYS).delete("default", "s1") == 2  # what erasing the session must add
+    assert await facts.aget_facts("s1") == [] and [b.text for b in await static.aget_content("s1")] == ["x"]
 
 
 # --- same as LlamaIndex's blocks -------------------------------------------------------------------------

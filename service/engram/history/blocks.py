@@ -202,6 +202,11 @@ class BlockState:
             members = [member for member in every if member.startswith(prefix)]
             return int(await self.client.zrem(key, *members)) if members else 0
 
+    async def delete(self, tenant: str, session_id: str) -> int:
+        """Delete every block's state of the session (both keys); returns how many keys existed."""
+        async with self._redis_errors():
+            return int(await self.client.delete(*self._keys(tenant, session_id).all()))
+
     # --- other blocks' state ------------------------------------------------------------------------------
     async def state(self, tenant: str, session_id: str, block_id: str, ttl: int) -> str | None:
         """The block's stored state (JSON), or None if it was never set."""
