@@ -98,7 +98,9 @@ def test_facts_learnt_through_one_memory_are_in_a_fresh_memory_in_another_proces
 def test_four_processes_extracting_facts_on_one_session_lose_none(redis_url: str) -> None:
     names, count = ["p0", "p1", "p2", "p3"], 25
     run_at_once([["extract", redis_url, "s1", name, str(count), "1000"] for name in names])
-    facts = EngramFactExtractionMemoryBlock(redis_url=redis_url, llm=FactLLM()).get_facts("s1")  # the sync API
+    block = EngramFactExtractionMemoryBlock(redis_url=redis_url, llm=FactLLM())
+    facts = block.get_facts("s1")  # the sync API
+    block.runtime.call_sync(lambda store: store.client.aclose())
     assert len(facts) == len(names) * count
     for name in names:  # each process's facts are there, in the order it learnt them
         assert [f for f in facts if f.startswith(f"{name} ")] == [f"{name} fact {n}" for n in range(count)]
