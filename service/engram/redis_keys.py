@@ -82,7 +82,7 @@ class BlockKeys:
     blocks: str  # hash: "<block id>" -> JSON state of other blocks (static content)
 
     def all(self) -> tuple[str, str]:
-        """Both keys (deleted with the session)."""
+        """Both keys (what deleting or erasing the session must delete too)."""
         return (self.facts, self.blocks)
 
 

@@ -53,7 +53,7 @@ OPERATOR_COMMANDS: tuple[str, ...] = (
 
 # Redis describes a user's commands with categories where it can: a rule naming every command of a category
 # comes back from ACL GETUSER as ``+@category`` (and ``+@category -command`` when one is missing). The
-# categories an allow-list may cover whole, with their commands (``ACL CAT <category>``, Redis 7.0 to 7.4):
+# categories an allow-list may cover whole, with their commands (``ACL CAT <category>``, the same since Redis 6):
 CATEGORY_COMMANDS: dict[str, frozenset[str]] = {
     "transaction": frozenset({"watch", "unwatch", "multi", "exec", "discard"}),
 }
