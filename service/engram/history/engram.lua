@@ -4,8 +4,9 @@
 -- Every function takes the keys of ONE session (one hash tag), plus the tenant's own keys where noted: the
 -- session index, the usage hash and expiry zset (quotas), the rate key, a subject's session set (see
 -- docs/design.md on Redis Cluster). Functions that change a session's messages take the SESSION KEYS, in
--- this order: log, meta, turns, index, archive, usage, expiry, summary (and, for commit and delete_session,
--- the subject's set as an optional 9th).
+-- this order: log, meta, turns, index, archive, usage, expiry, summary, facts, blocks (the LlamaIndex memory
+-- blocks' state, deleted with the session) and, for commit and delete_session, the subject's set as an
+-- optional 11th.
 -- Any change to this file must rename the library (engram_vN) and its functions: ensure_library REPLACEs
 -- a library of the same name whose code differs, so two releases sharing a name would keep swapping it.
 -- Stream entry fields: role, content, tokens (counted once, at write time), turn (optional), extra (optional).
@@ -131,11 +132,11 @@ end
 local function link_subject(keys, session_id, subject, ttl)
   if subject == '' then return end
   redis.call('HSET', keys[2], 'subject', subject)
-  redis.call('SADD', keys[9], session_id)
+  redis.call('SADD', keys[11], session_id)
   if ttl > 0 then
-    if redis.call('TTL', keys[9]) < ttl then redis.call('EXPIRE', keys[9], ttl) end
+    if redis.call('TTL', keys[11]) < ttl then redis.call('EXPIRE', keys[11], ttl) end
   else
-    redis.call('PERSIST', keys[9])
+    redis.call('PERSIST', keys[11])
   end
 end
 
@@ -383,15 +384,15 @@ local function insert_at(keys, args)
 end
 
 -- delete_session: SESSION KEYS (+ the subject's set, when the session has a subject). ARGV session_id.
--- Removes everything of the session: its keys (summary included), its index entry, its usage and its
--- subject link. 1 when something was deleted.
+-- Removes everything of the session: its keys (summary and memory blocks included), its index entry, its
+-- usage and its subject link. 1 when something was deleted.
 local function delete_session(keys, args)
   local session_id = args[1]
   local existed = redis.call('DEL', keys[1], keys[2], keys[3], keys[5])
-  redis.call('DEL', keys[8])  -- the rolling summary (a summary alone is not a session)
+  redis.call('DEL', keys[8], keys[9], keys[10])  -- summary and memory blocks (alone, they are no session)
   local indexed = redis.call('ZREM', keys[4], session_id)
   forget_usage(keys[6], keys[7], session_id)
-  if keys[9] then redis.call('SREM', keys[9], session_id) end
+  if keys[11] then redis.call('SREM', keys[11], session_id) end
   if existed + indexed > 0 then return 1 end
   return 0
 end

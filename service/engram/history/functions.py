@@ -53,6 +53,14 @@ TENANT_COMMANDS: tuple[str, ...] = (
     "zrange",  # paging through the tenant's session index (BYLEX; never KEYS/SCAN); sweeping expired usage
     "zcard",  # session count
     "sscan",  # a subject's sessions, for erasure by subject
+    # durable memory blocks (engram.history.blocks): facts are added with ZADD NX and condensed with an
+    # optimistic compare-and-set (WATCH the facts key, MULTI ... EXEC); redis-py ends a watch with UNWATCH
+    # and an aborted transaction with DISCARD. All on the session's own keys (one slot).
+    "watch",
+    "unwatch",
+    "multi",
+    "exec",
+    "discard",
     # run by the library inside FCALL
     "hset",
     "hsetnx",

@@ -176,9 +176,9 @@ class Reconnecting:
         BaseModel.__setstate__(self, state)  # type: ignore[arg-type]
 
 
-class ChatStoreFields(Reconnecting, BaseModel):
-    """What the two chat-store adapters share: where the sessions are, whose they are, how long they live.
-    Each adapter declares its own ``max_messages`` (its default differs)."""
+class StoreFields(Reconnecting, BaseModel):
+    """What every adapter on a session's Redis keys shares (the chat stores and the durable memory blocks):
+    where the sessions are, whose they are, how long they live."""
 
     redis_url: str = Field(description="Redis URL the store (re)connects to")
     namespace: str = Field(default="engram", description="Engram key namespace")
@@ -189,7 +189,6 @@ class ChatStoreFields(Reconnecting, BaseModel):
         le=SESSION_TTL_SECONDS.maximum,
         description="seconds an idle session lives; 0 = forever",
     )
-    max_messages: int
 
     _runtime: StoreRuntime | None = PrivateAttr(default=None)
 
@@ -201,6 +200,12 @@ class ChatStoreFields(Reconnecting, BaseModel):
     @classmethod
     def from_url(cls, url: str, **data: Any) -> Self:
         return cls(redis_url=url, **data)
+
+
+class ChatStoreFields(StoreFields):
+    """What the two chat-store adapters share. Each declares its own ``max_messages`` (its default differs)."""
+
+    max_messages: int
 
     @property
     def policy(self) -> Policy:

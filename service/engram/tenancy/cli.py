@@ -221,9 +221,8 @@ async def _update(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, s
         # The operator would put its MemoryNamespace's policy back at its next repair.
         _say(f"tenant {args.name} is managed by {existing.owner}: change that resource, or pass --force")
         return EXIT_REFUSED
-    changes = {
-        f.name: getattr(args, f.name) for f in (*POLICY_FIELDS, MEMORY_MODE) if getattr(args, f.name) is not None
-    }
+    names = [f.name for f in POLICY_FIELDS] + [MEMORY_MODE.name]
+    changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     policy = dataclasses.replace(existing.policy, **changes)
     spec = TenantSpec(existing.tenant, policy, existing.retention)
     record = desired_record(
