@@ -132,6 +132,10 @@ async def test_erasing_a_subject_leaves_nothing_of_its_sessions(store: HistorySt
     for session in ("a1", "a2"):
         await store.commit_turn("acme", session, "t1", "my secret", "noted", subject="alice@example.com")
         await store.take_oldest("acme", session, 1, archive=True)
+        keys = store.keys.session("acme", session)  # a rolling summary and memory blocks' state, as they are kept
+        await store.client.hset(keys.summary, mapping={"text": "alice's secret", "covers_through": "1-0"})
+        await store.client.zadd(keys.memory_blocks.facts, {"facts:alice is secretive": 1})
+        await store.client.hset(keys.memory_blocks.blocks, "static", '"alice"')
     await store.commit_turn("acme", "b1", "t1", "bob here", "hi bob", subject="bob")
     await store.commit_turn("acme", "plain", "t1", "no subject", "fine")
     with pytest.raises(SubjectMismatch):
