@@ -25,7 +25,6 @@ import asyncio
 import json
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,7 @@ from llama_index.core.memory import ChatSummaryMemoryBuffer
 from llama_index.storage.chat_store.redis import RedisChatStore as LlamaRedisChatStore
 
 from bench.contenders import TOKEN_LIMIT, TTL_SECONDS, message_text, role
-from bench.turn_cost import p99
+from bench.turn_cost import count_commands, p99
 from engram.connections import create_redis
 from engram.echo import echo_summary
 from engram.history import HistoryStore
@@ -189,36 +188,6 @@ async def timed_turns(
         samples.append(elapsed * 1000)
         spent += elapsed
     return samples
-
-
-async def count_commands(run: Callable[[int], Awaitable[None]], port: int, first_n: int, turns: int = 3) -> float:
-    """Commands the client sent per turn (MONITOR), Lua's own calls excluded."""
-    admin, marker = redis.Redis(port=port), redis.Redis(port=port)
-    marker.ping()
-    commands: list[str] = []
-    with admin.monitor() as monitor:
-        done = threading.Event()
-
-        def collect() -> None:
-            while True:
-                try:
-                    for event in monitor.listen():
-                        if event["command"].startswith("ECHO engram-bench-end"):
-                            done.set()
-                            return
-                        if event.get("client_type") != "lua":
-                            commands.append(event["command"].split()[0].upper())
-                except redis.TimeoutError:
-                    continue
-
-        reader = threading.Thread(target=collect, daemon=True)
-        reader.start()
-        await asyncio.sleep(0.2)  # let MONITOR attach
-        for n in range(turns):
-            await run(first_n + n)
-        marker.echo("engram-bench-end")
-        done.wait(timeout=60)
-    return len(commands) / turns
 
 
 def summarize_rows(name: str, size: int, samples: list[float]) -> HotPath:

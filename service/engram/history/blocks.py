@@ -31,17 +31,14 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, WatchError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
-from engram.errors import StoreFull, StoreReadOnly, StoreUnavailable
+from engram.history.store import redis_errors
 from engram.redis_keys import SESSION_ID_PATTERN, BlockKeys, KeySpace
 
 log = logging.getLogger(__name__)
@@ -87,17 +84,6 @@ class BlockState:
     def _keys(self, tenant: str, session_id: str) -> BlockKeys:
         return self.keys.memory_blocks(tenant, session_id)
 
-    @asynccontextmanager
-    async def _redis_errors(self) -> AsyncIterator[None]:
-        try:
-            yield
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            raise StoreUnavailable(f"Redis is unavailable: {error}") from error
-        except OutOfMemoryError as error:
-            raise StoreFull("Redis is full (maxmemory reached): it refuses writes until space is freed") from error
-        except ReadOnlyError as error:
-            raise StoreReadOnly("Redis is read-only (a replica): it refuses writes") from error
-
     @staticmethod
     def _expire(pipe: Any, key: str, ttl: int) -> None:
         if ttl > 0:
@@ -121,7 +107,7 @@ class BlockState:
     async def facts(self, tenant: str, session_id: str, block_id: str, ttl: int) -> list[Fact]:
         """The block's facts, oldest first (one round trip; a second, rarely, to refresh the TTL)."""
         key = self._keys(tenant, session_id).facts
-        async with self._redis_errors():
+        async with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.zrange(key, 0, -1, withscores=True)
                 pipe.ttl(key)
@@ -135,7 +121,7 @@ class BlockState:
         key = self._keys(tenant, session_id).facts
         prefix = _member_prefix(block_id)
         texts = _unique(texts)
-        async with self._redis_errors():
+        async with redis_errors():
             seconds, micros = await self.client.time()
             now = seconds * 1_000_000 + micros
             async with self.client.pipeline(transaction=False) as pipe:
@@ -166,7 +152,7 @@ class BlockState:
         prefix = _member_prefix(block_id)
         read_texts = {fact.text for fact in read}
         start = min((fact.score for fact in read), default=0.0)
-        async with self._redis_errors():
+        async with redis_errors():
             for _ in range(CAS_ATTEMPTS):
                 async with self.client.pipeline(transaction=True) as pipe:
                     await pipe.watch(key)
@@ -197,21 +183,21 @@ class BlockState:
         """Remove the block's facts (only this block's); returns how many there were."""
         key = self._keys(tenant, session_id).facts
         prefix = _member_prefix(block_id)
-        async with self._redis_errors():
+        async with redis_errors():
             every: list[str] = await self.client.zrange(key, 0, -1)  # type: ignore[assignment]
             members = [member for member in every if member.startswith(prefix)]
             return int(await self.client.zrem(key, *members)) if members else 0
 
     async def delete(self, tenant: str, session_id: str) -> int:
         """Delete every block's state of the session (both keys); returns how many keys existed."""
-        async with self._redis_errors():
+        async with redis_errors():
             return int(await self.client.delete(*self._keys(tenant, session_id).all()))
 
     # --- other blocks' state ------------------------------------------------------------------------------
     async def state(self, tenant: str, session_id: str, block_id: str, ttl: int) -> str | None:
         """The block's stored state (JSON), or None if it was never set."""
         key = self._keys(tenant, session_id).blocks
-        async with self._redis_errors():
+        async with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.hget(key, block_id)
                 pipe.ttl(key)
@@ -222,7 +208,7 @@ class BlockState:
     async def set_state(self, tenant: str, session_id: str, block_id: str, value: str | None, ttl: int) -> None:
         """Store the block's state (one atomic field write: the last writer wins); None removes it."""
         key = self._keys(tenant, session_id).blocks
-        async with self._redis_errors():
+        async with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 if value is None:
                     pipe.hdel(key, block_id)

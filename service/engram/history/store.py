@@ -154,6 +154,28 @@ def _parse_summary(raw: Sequence[Any], window: Sequence[StoredMessage]) -> Sessi
     return SessionSummary(text, covers or None, int(covered), int(tokens), due)
 
 
+@asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    """Redis' failures as Engram's errors: unreachable or timed out -> :class:`StoreUnavailable`, full ->
+    :class:`StoreFull`, refusing writes -> :class:`StoreReadOnly`, a library function's refusal -> its error."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        raise StoreUnavailable(f"Redis is unavailable: {error}") from error
+    except OutOfMemoryError as error:
+        raise StoreFull("Redis is full (maxmemory reached): it refuses writes until space is freed") from error
+    except ReadOnlyError as error:  # a replica, e.g. during a failover: writes come back with the primary
+        raise StoreReadOnly("Redis is read-only (a replica): it refuses writes") from error
+    except ResponseError as error:
+        # Writes refused for now: too few replicas (min-replicas-to-write) or failing snapshots.
+        if str(error).startswith(("NOREPLICAS", "MISCONF")):
+            raise StoreReadOnly(f"Redis refuses writes for now: {str(error).split('.')[0]}") from error
+        refusal = _library_refusal(str(error))
+        if refusal is not None:
+            raise refusal from error
+        raise
+
+
 def _encode_cursor(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 
@@ -216,28 +238,9 @@ class HistoryStore:
         self.max_window_messages = max_window_messages
 
     # --- plumbing -------------------------------------------------------------------------------------
-    @asynccontextmanager
-    async def _redis_errors(self) -> AsyncIterator[None]:
-        try:
-            yield
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            raise StoreUnavailable(f"Redis is unavailable: {error}") from error
-        except OutOfMemoryError as error:
-            raise StoreFull("Redis is full (maxmemory reached): it refuses writes until space is freed") from error
-        except ReadOnlyError as error:  # a replica, e.g. during a failover: writes come back with the primary
-            raise StoreReadOnly("Redis is read-only (a replica): it refuses writes") from error
-        except ResponseError as error:
-            # Writes refused for now: too few replicas (min-replicas-to-write) or failing snapshots.
-            if str(error).startswith(("NOREPLICAS", "MISCONF")):
-                raise StoreReadOnly(f"Redis refuses writes for now: {str(error).split('.')[0]}") from error
-            refusal = _library_refusal(str(error))
-            if refusal is not None:
-                raise refusal from error
-            raise
-
     async def _call(self, make_call: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis call; load the function library once if Redis says it is missing."""
-        async with self._redis_errors():
+        async with redis_errors():
             try:
                 return await make_call()
             except ResponseError as error:
@@ -256,11 +259,11 @@ class HistoryStore:
 
     async def ensure_library(self) -> bool:
         """Load Engram's Redis functions if they are missing (needs a user allowed to FUNCTION LOAD)."""
-        async with self._redis_errors():
+        async with redis_errors():
             return await ensure_library(self.client)
 
     async def ping(self) -> bool:
-        async with self._redis_errors():
+        async with redis_errors():
             return bool(await self.client.ping())
 
     async def check_writable(self) -> None:
@@ -433,7 +436,7 @@ class HistoryStore:
         """``(epoch, summary)`` of the session, or None when it does not exist. A summary written under
         another epoch (the log was rewritten since) is void: an empty summary is returned."""
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.hget(keys.meta, "epoch")
                 pipe.hgetall(keys.summary)
@@ -457,7 +460,7 @@ class HistoryStore:
         """At most ``count`` messages with ids after ``after`` and before ``before`` (both exclusive; None:
         from the start / to the end), oldest first: what a summarizer folds next."""
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             entries = await self.client.xrange(
                 keys.log, min="-" if after is None else f"({after}", max="+" if before is None else f"({before}",
                 count=count,
@@ -536,7 +539,7 @@ class HistoryStore:
         """Delete every key of the session, its index entry, its usage and its subject's link to it.
         Returns False when it did not exist."""
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             subject = await self.client.hget(keys.meta, "subject")
         subject_key = self.keys.subject(tenant, _text(subject)) if subject is not None else None
         raw = await self._call_on_session(FN_DELETE_SESSION, keys, session_id, subject_key=subject_key)
@@ -554,7 +557,7 @@ class HistoryStore:
             found = False
             cursor: int = 0
             while True:
-                async with self._redis_errors():
+                async with redis_errors():
                     cursor, members = await self.client.sscan(subject_key, cursor, count=200)
                 for session_id in map(_text, members):
                     found = True
@@ -593,7 +596,7 @@ class HistoryStore:
         for archived, stream in ((True, keys.archive), (False, keys.log)):
             start = "-"
             while True:
-                async with self._redis_errors():
+                async with redis_errors():
                     entries = await self.client.xrange(stream, min=start, max="+", count=batch) or []
                 for entry in entries:
                     yield ExportedMessage(_parse_entry(entry), archived)
@@ -604,7 +607,7 @@ class HistoryStore:
     async def exists(self, tenant: str, session_id: str) -> bool:
         """Whether the session has any keys (messages, archive or metadata)."""
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             return int(await self.client.exists(keys.log, keys.meta, keys.archive)) > 0
 
     async def take_oldest(self, tenant: str, session_id: str, count: int, *, archive: bool) -> list[StoredMessage]:
@@ -622,25 +625,25 @@ class HistoryStore:
         hot path: it reads the whole range asked for)."""
         keys = self._session(tenant, session_id)
         count = None if limit is None else offset + limit
-        async with self._redis_errors():
+        async with redis_errors():
             entries = await self.client.xrange(keys.archive if archived else keys.log, count=count) or []
         return [_parse_entry(e) for e in entries[offset:]]
 
     async def delete_archive(self, tenant: str, session_id: str) -> None:
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             await self.client.delete(keys.archive)
 
     async def last_messages(self, tenant: str, session_id: str, count: int) -> list[StoredMessage]:
         """The newest ``count`` messages, oldest first, whatever their tokens."""
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             entries = await self.client.xrevrange(keys.log, count=count) or []
         return [_parse_entry(e) for e in reversed(entries)]
 
     async def count_messages(self, tenant: str, session_id: str, *, archived: bool = False) -> int:
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             return int(await self.client.xlen(keys.archive if archived else keys.log))
 
     async def messages(
@@ -651,7 +654,7 @@ class HistoryStore:
         if not 1 <= limit <= 1000:
             raise InvalidMessage("limit must be between 1 and 1000")
         start = "-" if cursor is None else "(" + _decode_stream_cursor(cursor)
-        async with self._redis_errors():
+        async with redis_errors():
             entries = await self.client.xrange(keys.log, min=start, max="+", count=limit + 1) or []
         page = [_parse_entry(e) for e in entries[:limit]]
         next_cursor = _encode_cursor(page[-1].id) if len(entries) > limit else None
@@ -669,13 +672,13 @@ class HistoryStore:
         if not 1 <= limit <= 1000:
             raise InvalidMessage("limit must be between 1 and 1000")
         start = "-" if cursor is None else "(" + _decode_cursor(cursor, SESSION_ID_PATTERN)
-        async with self._redis_errors():
+        async with redis_errors():
             members = await self.client.zrange(index, start, "+", bylex=True, offset=0, num=limit + 1)
         ids = [_text(m) for m in members]
         page_ids = ids[:limit]
         # An index entry that is not a valid id has no keys: skip it (the purge removes it with the index).
         valid = [self.keys.session(tenant, s) for s in page_ids if SESSION_ID_PATTERN.fullmatch(s)]
-        async with self._redis_errors():
+        async with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 for keys in valid:
                     pipe.xlen(keys.log)
@@ -723,7 +726,7 @@ class HistoryStore:
 
     async def count_sessions(self, tenant: str) -> int:
         """Sessions in the tenant's index (may include some that expired and were not pruned yet)."""
-        async with self._redis_errors():
+        async with redis_errors():
             return int(await self.client.zcard(self.keys.session_index(validate_tenant(tenant))))
 
     async def purge_tenant(self, tenant: str, *, batch: int = 100) -> int:
@@ -741,7 +744,7 @@ class HistoryStore:
             found = 0
             cursor: int = 0
             while True:
-                async with self._redis_errors():
+                async with redis_errors():
                     cursor, names = await self.client.scan(cursor, match=pattern, count=batch)
                     if names:
                         await self.client.delete(*names)
