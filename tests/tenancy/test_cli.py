@@ -363,3 +363,44 @@ def test_erase_subject_deletes_only_that_subjects_sessions(capsys: pytest.Captur
     assert code == EXIT_OK and "2 sessions deleted" in err
     code, out, _ = run(capsys, "export", "acme")
     assert {json.loads(line)["session_id"] for line in out.splitlines()} == {"b1"}
+
+
+def test_export_includes_archived_messages_the_summary_and_memory_blocks(
+    capsys: pytest.CaptureFixture[str], redis_url: str, admin: redis.Redis
+) -> None:
+    run(capsys, "create", "acme")
+    store_turns(redis_url, "acme", [("s1", "one", None), ("s1", "two", None)])
+    keys = KEYS.session("acme", "s1")
+    epoch = admin.hget(keys.meta, "epoch")
+    first_id = admin.xrange(keys.log, count=1)[0][0]
+    admin.hset(keys.summary, mapping={"text": "they said one", "covers_through": first_id, "epoch": epoch})
+    admin.hset(keys.summary, mapping={"messages_covered": 1, "tokens": 3})
+    admin.zadd(keys.memory_blocks.facts, {"facts:likes tea": 1, "facts:lives in Oslo": 2})
+    admin.hset(keys.memory_blocks.blocks, "persona", '"a support bot"')
+    asyncio.run(_archive_oldest(redis_url, 2))
+    code, out, err = run(capsys, "export", "acme")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == EXIT_OK and "exported 4 messages of 1 sessions" in err
+    assert [(line["type"], line.get("archived")) for line in lines[:4]] == [("message", True)] * 2 + [
+        ("message", False)
+    ] * 2
+    assert lines[4] == {
+        "type": "summary",
+        "session_id": "s1",
+        "text": "they said one",
+        "covers_through": first_id,
+        "messages_covered": 1,
+    }
+    assert lines[5:7] == [
+        {"type": "memory_block", "session_id": "s1", "block": "facts", "facts": ["likes tea", "lives in Oslo"]},
+        {"type": "memory_block", "session_id": "s1", "block": "persona", "state": '"a support bot"'},
+    ]
+    assert lines[7] == {"type": "end", "session_id": "s1", "messages": 4}
+
+
+async def _archive_oldest(redis_url: str, count: int) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await HistoryStore(client, KEYS, cache_sessions=0).take_oldest("acme", "s1", count, archive=True)
+    finally:
+        await client.aclose()

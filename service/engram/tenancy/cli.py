@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.errors import EngramError, StoreUnavailable
-from engram.export import end_line, message_line
+from engram.export import MESSAGE_LINE, session_lines
 from engram.history.store import HistoryStore
 from engram.policy import MEMORY_MODE, POLICY_FIELDS, RETENTION, Policy, PolicyField
 from engram.redis_keys import KeySpace
@@ -315,12 +315,10 @@ async def _export(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, s
     while True:
         page = await store.list_sessions(args.name, limit=200, cursor=cursor)
         for info in page.sessions:
-            count = 0
-            async for item in store.export(args.name, info.session_id):
-                out.write(message_line(info.session_id, item))
-                count += 1
-            out.write(end_line(info.session_id, count))
-            sessions, messages = sessions + 1, messages + count
+            async for line in session_lines(store, args.name, info.session_id):
+                out.write(line)
+                messages += line.startswith(MESSAGE_LINE)
+            sessions += 1
         if page.next_cursor is None:
             break
         cursor = page.next_cursor

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from engram.errors import EngramError, NotFound
-from engram.export import end_line, error_line, message_line
+from engram.export import error_line, session_lines
 from engram.history.store import HistoryStore
 from engram.redis_keys import validate_session_id, validate_subject_id
 from engram.server import metrics
@@ -93,17 +93,13 @@ JSON_LINES = "application/x-ndjson"
 
 
 async def export_lines(store: HistoryStore, tenant: str, session_id: str) -> AsyncIterator[bytes]:
-    """The session as JSON Lines (:mod:`engram.export`), read page by page: constant memory at any length.
-    A failure after the first line ends the stream with an ``error`` line (the status is already sent)."""
-    sent = 0
+    """The session as JSON Lines (:mod:`engram.export`). A failure after the first line ends the stream with
+    an ``error`` line (the status is already sent)."""
     try:
-        async for item in store.export(tenant, session_id):
-            yield message_line(session_id, item)
-            sent += 1
+        async for line in session_lines(store, tenant, session_id):
+            yield line
     except EngramError as error:
         yield error_line(session_id, error_content(error)[1]["error"])
-        return
-    yield end_line(session_id, sent)
 
 
 @router.get(
