@@ -52,6 +52,7 @@ TENANT_COMMANDS: tuple[str, ...] = (
     "zrange",  # paging through the tenant's session index (BYLEX; never KEYS/SCAN); sweeping expired usage
     "zcard",  # session count
     "sscan",  # a subject's sessions, for erasure by subject
+    "wait",  # ENGRAM_COMMIT_DURABILITY=replicated: a commit is acknowledged once a replica has it
     # run by the library inside FCALL
     "hset",
     "hsetnx",

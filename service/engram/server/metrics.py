@@ -44,6 +44,7 @@ TURN_OUTCOMES = (
     "ok", "replayed", "duplicate", "model_error", "rejected", "abandoned",
     # a store error's code (see engram.errors)
     "store_unavailable", "store_read_only", "store_full", "outcome_unknown",
+    "not_replicated",
     # over a quota or the request rate (nothing stored)
     "rate_limited", "session_quota_exceeded", "storage_quota_exceeded",
 )  # fmt: skip
