@@ -88,8 +88,11 @@ class Node:
         return self
 
     def log(self) -> str:
+        return self.log_text()[-2000:]
+
+    def log_text(self) -> str:
         path = self.directory / "log"
-        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+        return path.read_text(errors="replace") if path.exists() else ""
 
     @property
     def running(self) -> bool:
@@ -181,6 +184,13 @@ class SentinelTopology:
                 node.spawn()
             for node in self.nodes:
                 node.wait_ready()
+            # Replicas connected before the Sentinels start: a Sentinel learns them from the primary's INFO,
+            # which it asks at once and then only every 10 s.
+            with self.nodes[0].client() as primary:
+                replicas = len(self.nodes) - 1
+                wait_until(
+                    lambda: int(primary.info("replication")["connected_slaves"]) >= replicas, timeout, "replicas"
+                )
             for sentinel in self.sentinels:
                 sentinel.spawn()
             for sentinel in self.sentinels:
@@ -262,3 +272,7 @@ class SentinelTopology:
                 return port if client.info("replication")["role"] == "master" else None
 
         return wait_until(promoted, timeout, f"a failover away from port {old_port}")
+
+    def failovers(self) -> int:
+        """How many times the primary changed, as the first Sentinel logged it (``+switch-master``)."""
+        return self.sentinels[0].log_text().count("+switch-master")
