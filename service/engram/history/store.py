@@ -198,7 +198,7 @@ class HistoryStore:
         commit_replica_timeout_ms: int = 1000,
     ) -> None:
         self.client = client
-        # "replicated": a commit is acknowledged only once a replica has it (see _replicated)
+        # "replicated": a commit is acknowledged only once a replica has it (see _commit)
         self.commit_durability = commit_durability
         self.commit_replica_timeout_ms = commit_replica_timeout_ms
         self.keys = keys or KeySpace()

@@ -35,13 +35,15 @@ def store_from_url(url: str, namespace: str = "engram", **settings: Any) -> Hist
 
     ``url`` is one Redis (``redis://``, ``rediss://``, ``unix://``) or a Sentinel topology,
     ``redis+sentinel://host:port[,host:port...]/<service>[/<db>]`` (the client follows its failovers).
-    ``settings`` are :class:`~engram.settings.Settings` fields, e.g. ``commit_durability="replicated"``.
+    ``settings`` are :class:`~engram.settings.Settings` fields, e.g. ``commit_durability="replicated"`` (or
+    ``redis_mode="sentinel", redis_sentinels="h:26379,..."`` instead of a ``redis+sentinel://`` URL).
     """
     # The URL names the topology: ENGRAM_REDIS_MODE / ENGRAM_REDIS_SENTINELS in the environment do not apply.
     topology = {"redis_mode": "standalone", "redis_sentinels": ""}
     config = Settings(**{"redis_url": url, "namespace": namespace, **topology, **settings})
     return HistoryStore(
-        create_redis(config, url),
+        # (explicit redis_mode="sentinel" + redis_sentinels=... kwargs: the URL gives only database and credentials)
+        create_redis(config, url if config.redis_mode == "standalone" else None),
         KeySpace(namespace),
         cache_sessions=config.cache_sessions,
         commit_durability=config.commit_durability,
