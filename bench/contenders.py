@@ -7,6 +7,7 @@ part of its commit), the others by trimming after the timed part (untimed, in th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,13 +30,14 @@ TTL_SECONDS = 3600
 # ~60 tokens per message (tiktoken cl100k_base), as the issue asks
 FILLER = "Engram keeps chat memory in Redis so any replica can serve the next turn of a conversation " * 3
 
-ENGRAM = ("engram-hit", "engram-delta", "engram-cold")
+ENGRAM = ("engram-hit", "engram-delta", "engram-cold", "engram-quotas")
 ALTERNATIVES = ("cmb+redis", "json-get-set")
 ALL_CONTENDERS = ENGRAM + ALTERNATIVES
 DESCRIPTIONS = {
     "engram-hit": "Engram, the replica that served the previous turn (cached tail validated, nothing new)",
     "engram-delta": "Engram, two replicas alternating (each fetches only the other's turn)",
     "engram-cold": "Engram with its cache off (every load reads the window)",
+    "engram-quotas": "engram-hit with the tenant's rate (never reached) and session and storage quotas checked",
     "cmb+redis": "LlamaIndex ChatMemoryBuffer over llama-index-storage-chat-store-redis",
     "json-get-set": "GET the JSON history, rebuild a ChatMemoryBuffer, SET it back (the seeds' pattern)",
 }
@@ -79,6 +81,9 @@ class Contenders:
     async def engram(self, size: int, mode: str) -> Turn:
         session = f"{self.prefix}engram-{mode}-{size}"
         policy = Policy(token_limit=TOKEN_LIMIT, session_ttl_seconds=TTL_SECONDS, max_messages_per_session=size)
+        if mode == "quotas":
+            limits = {"requests_per_second": 1_000_000, "max_sessions": 1_000_000, "max_stored_bytes": 2**40}
+            policy = dataclasses.replace(policy, **limits)
         seeder = self.engram_store(cache=False)
         for start in range(0, size, 500):
             batch = [NewMessage(role(n), message_text(n)) for n in range(start, min(size, start + 500))]
@@ -90,7 +95,7 @@ class Contenders:
 
         async def turn(n: int) -> None:
             replica = replicas[n % len(replicas)]
-            await replica.load_window("bench", session, TOKEN_LIMIT)
+            await replica.load_window("bench", session, TOKEN_LIMIT, policy=policy)
             await replica.commit_turn("bench", session, f"t{n}", message_text(n), message_text(n + 1), policy)
 
         return Turn(turn, window_messages=len(window.messages))

@@ -153,9 +153,12 @@ def flatness_rows(rows: list[dict[str, Any]]) -> list[str]:
 E2E_RATIO_TARGET = 0.95
 READY_TARGET_S = 2.0
 RSS_TARGET_MIB = 150
+QUOTA_OVERHEAD_TARGET = 0.10  # issue 14: quotas live inside the calls a turn makes anyway
 
 
-def targets_section(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> list[str]:
+def targets_section(
+    rows: list[dict[str, Any]], e2e: dict[str, Any] | None, summary: dict[str, Any] | None = None
+) -> list[str]:
     table = by_key(rows)
     lines = ["## Targets", "", "| target | where we stand | met |", "|---|---|---|", *flatness_rows(rows)]
     for name, goal in (("cmb+redis", 500), ("json-get-set", 20)):
@@ -166,6 +169,18 @@ def targets_section(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> l
             )
         elif (row := table.get((1000, name))) and row.get("stopped"):
             lines.append(f"| ≥ {goal}× faster than `{name}` at 1,000 messages | it was stopped: {row['stopped']} | – |")
+    quota_costs = [
+        table[(size, "engram-quotas")]["median_ms"] / table[(size, "engram-hit")]["median_ms"]
+        for size in sorted({r["size"] for r in rows})
+        if (table.get((size, "engram-quotas")) or {}).get("median_ms")
+        and (table.get((size, "engram-hit")) or {}).get("median_ms")
+    ]
+    if quota_costs:
+        worst_quota = max(quota_costs)
+        lines.append(
+            f"| quota and rate checks add ≤ {QUOTA_OVERHEAD_TARGET:.0%} to a turn (`engram-quotas` / `engram-hit`, "
+            f"worst size) | {worst_quota:.2f}× | {'yes' if worst_quota <= 1 + QUOTA_OVERHEAD_TARGET else 'no'} |"
+        )
     trips = [table[k]["round_trips"] for k in table if k[1] in ENGRAM and table[k].get("round_trips") is not None]
     if trips:
         lines.append(
@@ -192,6 +207,7 @@ def targets_section(rows: list[dict[str, Any]], e2e: dict[str, Any] | None) -> l
             f"| RSS per worker ≤ {RSS_TARGET_MIB} MiB | {worst:.0f} MiB (largest of {len(engram_rss)}) | "
             f"{'yes' if worst <= RSS_TARGET_MIB else 'no'} |"
         )
+    lines += summary_target(summary)
     sizes = sorted({r["size"] for r in rows})
     full = first_full_window(rows)
     if full is not None and full > sizes[0]:
@@ -322,11 +338,79 @@ def burst_section(burst: dict[str, Any]) -> list[str]:
     return out
 
 
+def summary_target(summary: dict[str, Any] | None) -> list[str]:
+    if not summary:
+        return []
+    growth = summary["growth"]
+    return [
+        f"| summary mode: hot path at {growth['to']:,} ≤ 1.5× its cost at {growth['from']:,} | "
+        f"{growth['ratio']:.2f}× | {'yes' if growth['ratio'] <= 1.5 else 'no'} |"
+    ]
+
+
+def summary_section(summary: dict[str, Any]) -> list[str]:
+    """Summary mode: the hot path against history length, summarizing per message, ChatSummaryMemoryBuffer."""
+    rows = summary["hot_path"]
+    sizes = sorted({r["size"] for r in rows if r["contender"] == "engram-summary"})
+    out = [
+        "",
+        "## 6. Summary mode (rolling summary)",
+        "",
+        f"`ENGRAM_MEMORY=summary`: a {summary['token_limit']:,}-token limit shared as {summary['summary_tokens']:,} "
+        f"for the summary and {summary['window_tokens']:,} for the window, ≈60-token messages. `engram-summary`: "
+        "two replicas alternating, a turn = one load (window + summary, one round trip) + one commit, timed; the "
+        f"summary advanced after a turn whose load found {summary['batch']} messages out of the window "
+        "(untimed: a background task in the service). `csmb+redis`: LlamaIndex's `ChatSummaryMemoryBuffer` over "
+        "llama-index-storage-chat-store-redis with a deterministic local LLM (Engram's `EchoLLM`), so the memory "
+        "class is measured, not a model; its first `get` rewrites the stored list as one summary message + the "
+        "window (the rest of the history is gone), so it is re-seeded to its size after each timed turn "
+        "(untimed) and fewer turns are run (a time budget per size). `csmb-steady`: its steady state once "
+        "collapsed, summarizing again on every turn, on the caller's path. Median / p99 in ms.",
+        "",
+        "| contender | " + " | ".join(f"{s:,} msgs: median / p99 (turns)" for s in sizes) + " | round trips |",
+        "|---|" + "---|" * (len(sizes) + 1),
+    ]
+    for name in ("engram-summary", "csmb+redis"):
+        cells = []
+        trips = []
+        for size in sizes:
+            row = next((r for r in rows if r["contender"] == name and r["size"] == size), None)
+            if row is None or row.get("median_ms") is None:
+                cells.append("not run")
+                continue
+            cells.append(f"{fmt_ms(row['median_ms'])} / {fmt_ms(row['p99_ms'])} ({row['turns']})")
+            if row.get("round_trips") is not None:
+                trips.append(f"{row['round_trips']:.0f}")
+        out.append(f"| `{name}` | " + " | ".join(cells) + f" | {' / '.join(trips) or '–'} |")
+    steady = next((r for r in rows if r["contender"] == "csmb-steady"), None)
+    if steady and steady.get("median_ms") is not None:
+        out += ["", f"`csmb-steady`: {fmt_ms(steady['median_ms'])} ms median over {steady['turns']} turns."]
+    growth = summary["growth"]
+    out += [
+        "",
+        f"Engram's hot path at {growth['to']:,} messages is {growth['ratio']:.2f}× its cost at {growth['from']:,}.",
+        "",
+        "Summarizing (Engram, echo extract as the summarizer; Redis: one read of the summary, one XRANGE of the "
+        "batch, one compare-and-set per summarizer call):",
+        "",
+        "| size | kind | messages folded | summarizer calls | ms per message |",
+        "|---|---|---|---|---|",
+    ]
+    for item in summary["summarizing"]:
+        per = item.get("ms_per_message")
+        out.append(
+            f"| {item['size']:,} | {item['kind']} | {item['messages']:,} | {item['calls']:,} | "
+            f"{'–' if per is None else f'{per:.3f}'} |"
+        )
+    return [*out, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--turn-cost", type=Path, default=RESULTS / "turn_cost.json")
     parser.add_argument("--end-to-end", type=Path, default=RESULTS / "end_to_end.json")
     parser.add_argument("--burst", type=Path, default=RESULTS / "burst.json")
+    parser.add_argument("--summary", type=Path, default=RESULTS / "summary.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     rows = json.loads(args.turn_cost.read_text())
@@ -339,13 +423,16 @@ def main() -> None:
         f"Measured by `make bench` on {environment()}. Numbers from a 2-core VM; compare ratios, not absolute times.",
         "",
     ]
-    lines += targets_section(rows, e2e)
+    summary = json.loads(args.summary.read_text()) if args.summary.exists() else None
+    lines += targets_section(rows, e2e, summary)
     lines += turn_cost_section(rows)
     lines += [f"![per-turn cost vs history length]({png.name})", ""]
     if e2e:
         lines += end_to_end_section(e2e)
     if args.burst.exists():
         lines += burst_section(json.loads(args.burst.read_text()))
+    if summary:
+        lines += summary_section(summary)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out} and {png}")
 

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,9 +112,16 @@ async def redis_work(turn: Turn, port: int, first_n: int, turns: int = 3) -> tup
     bytes_in = (after_in - before_in - overhead_in) / turns
     bytes_out = (after_out - before_out - overhead_out) / turns
 
-    commands: list[str] = []
-    marker = redis.Redis(port=port)
+    round_trips = await count_commands(turn.run, port, first_n + turns, turns)
+    turn.settle()  # after the count: not counted
+    return round_trips, bytes_in, bytes_out
+
+
+async def count_commands(run: Callable[[int], Awaitable[None]], port: int, first_n: int, turns: int = 3) -> float:
+    """Commands the client sent per turn (MONITOR), Lua's own calls excluded."""
+    admin, marker = redis.Redis(port=port), redis.Redis(port=port)
     marker.ping()
+    commands: list[str] = []
     with admin.monitor() as monitor:
         done = threading.Event()
 
@@ -133,11 +141,10 @@ async def redis_work(turn: Turn, port: int, first_n: int, turns: int = 3) -> tup
         reader.start()
         await asyncio.sleep(0.2)  # let MONITOR attach
         for n in range(turns):
-            await turn.run(first_n + turns + n)
+            await run(first_n + n)
         marker.echo("engram-bench-end")
-        done.wait(timeout=30)
-        turn.settle()  # after the marker: not counted
-    return len(commands) / turns, bytes_in, bytes_out
+        done.wait(timeout=60)
+    return len(commands) / turns
 
 
 async def run(

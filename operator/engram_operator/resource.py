@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engram.errors import InvalidTenant
-from engram.policy import POLICY_FIELDS, RETENTION, Policy
+from engram.policy import MEMORY_MODE, POLICY_FIELDS, RETENTION, Policy
 from engram.redis_keys import validate_tenant
 from engram.tenancy.provision import TenantSpec
 
@@ -67,4 +67,8 @@ def spec_from_body(body: Mapping[str, Any]) -> TenantSpec:
     problem = RETENTION.problem(retention)
     if problem is not None:
         raise InvalidSpec(f"spec.{RETENTION.crd_name}: {problem}")
-    return TenantSpec(tenant=tenant_of(body), policy=Policy(**values), retention=RETENTION.parse(retention))
+    memory = spec.get(MEMORY_MODE.crd_name)
+    if (problem := MEMORY_MODE.problem(memory)) is not None:
+        raise InvalidSpec(f"spec.{MEMORY_MODE.crd_name}: {problem}")
+    policy = Policy(**values, memory=MEMORY_MODE.parse(memory))
+    return TenantSpec(tenant=tenant_of(body), policy=policy, retention=RETENTION.parse(retention))

@@ -44,6 +44,23 @@ class NewMessage:
     tokens: int | None = None
 
 
+# Opens the system message that gives a model the rolling summary, before the window.
+SUMMARY_PREFIX = "Summary of the earlier conversation:"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """A session's rolling summary (docs/design.md, "Rolling summary"): ``text`` covers every stored
+    message up to and including ``covers_through`` (None: nothing yet), ``messages_covered`` of them."""
+
+    text: str = ""
+    covers_through: str | None = None
+    messages_covered: int = 0
+    tokens: int = 0
+    # set by a load: at least a batch of messages older than the window is not covered yet
+    due: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Window:
     """The newest messages of a session that fit a token budget, oldest first."""
@@ -55,6 +72,7 @@ class Window:
     # Every message that fit the budget, before the window dropped an unanswerable start (assistant/tool).
     fitted: tuple[StoredMessage, ...] = ()
     reaches_start: bool = True  # fitted begins at the session's first message (or the session is empty)
+    summary: SessionSummary | None = None  # loaded with the window when asked for (summary mode)
 
 
 @dataclass(frozen=True, slots=True)

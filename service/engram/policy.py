@@ -1,6 +1,6 @@
 """A tenant and its memory policy, and the one definition of each policy field.
 
-Each field of the policy is described once, here (:data:`POLICY_FIELDS`, :data:`RETENTION`): its
+Each field of the policy is described once, here (:data:`POLICY_FIELDS`, :data:`RETENTION`, :data:`MEMORY_MODE`): its
 default, its bounds, and the names it goes by elsewhere (MemoryNamespace spec and chart values,
 ``ENGRAM_*`` setting, ``engram tenant create`` flag). ``Settings``, the operator, the CLI and the
 registry record take them from here. The CRD (``deploy/helm/engram/crds/``) and the chart's
@@ -153,6 +153,44 @@ class RetentionField:
 RETENTION = RetentionField()
 
 
+# --- the memory mode: window, or window + rolling summary (docs/design.md, "Rolling summary") --------------
+MemoryMode = Literal["window", "summary"]
+MEMORY_MODES: tuple[MemoryMode, ...] = ("window", "summary")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryModeField:
+    """What a tenant's turns remember: the window that fits the token limit, or the window plus a rolling
+    summary of what fell out of it. Unset (None, no CRD default) means the service's ``ENGRAM_MEMORY``."""
+
+    name: str = "memory"
+    crd_name: str = "memory"
+    cli_flag: str = "--memory"
+    choices: tuple[MemoryMode, ...] = MEMORY_MODES
+    description: str = (
+        "What each turn is given: window (the newest messages that fit the token limit) or summary (the window "
+        "plus a rolling summary of the messages that fell out of it). Unset: the service's ENGRAM_MEMORY."
+    )
+
+    def problem(self, value: object) -> str | None:
+        """Why ``value`` is not a valid memory mode (None, unset, is), or None if it is."""
+        if value is None or value in self.choices:
+            return None
+        return f"expected {' or '.join(self.choices)}, got {value!r}"
+
+    def parse(self, value: object) -> MemoryMode | None:
+        """``value`` as a :data:`MemoryMode` (None or '' = unset); raises :class:`InvalidPolicy` naming the choices."""
+        if value is None or value == "":
+            return None
+        for choice in self.choices:
+            if value == choice:
+                return choice
+        raise InvalidPolicy(f"{self.name}: {self.problem(value)}")
+
+
+MEMORY_MODE = MemoryModeField()
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Per-tenant memory policy. Construction checks every field against its :class:`PolicyField` and
@@ -165,6 +203,7 @@ class Policy:
     max_stored_bytes: int = MAX_STORED_BYTES.default  # 0 = no limit
     requests_per_second: int = REQUESTS_PER_SECOND.default  # 0 = no limit
     burst: int = BURST.default  # 0 = requests_per_second
+    memory: MemoryMode | None = None  # None: the service's ENGRAM_MEMORY
 
     @property
     def effective_burst(self) -> int:
@@ -176,6 +215,8 @@ class Policy:
             problem = spec.problem(getattr(self, spec.name))
             if problem is not None:
                 raise InvalidPolicy(f"{spec.name}: {problem}")
+        if (problem := MEMORY_MODE.problem(self.memory)) is not None:
+            raise InvalidPolicy(f"{MEMORY_MODE.name}: {problem}")
 
 
 @dataclass(frozen=True, slots=True)

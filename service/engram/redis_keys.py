@@ -6,6 +6,9 @@ Layout (``engram`` is the configurable namespace, ``acme`` a tenant, ``s1`` a se
     engram:acme:{acme:s1}:meta     hash     epoch (changes on any rewrite), created, updated, key (LlamaIndex key)
     engram:acme:{acme:s1}:turns    hash     turn_id -> "<user msg id> <assistant msg id>" (idempotency)
     engram:acme:{acme:s1}:archive  stream   messages LlamaIndex's Memory archived (moved out of the log)
+    engram:acme:{acme:s1}:summary  hash     rolling summary: text, covers_through, messages_covered, tokens, epoch
+    engram:acme:{acme:s1}:facts    zset     LlamaIndex memory blocks' facts: "<block id>:<fact>" scored by server time
+    engram:acme:{acme:s1}:blocks   hash     other memory blocks' state: "<block id>" -> JSON (static content)
     engram:acme:sessions           zset     session_id scored by last update (ms): the tenant's session index
     engram:acme:usage              hash     session_id -> bytes of its messages; ":bytes" -> the tenant's total
     engram:acme:expiry             zset     session_id -> ms its keys expire ("inf": no TTL); its size = sessions
@@ -87,9 +90,34 @@ class SessionKeys:
         """The keys that belong to the session itself (deleted with it)."""
         return (self.log, self.meta, self.turns, self.archive)
 
+    # --- rolling summary (docs/design.md, "Rolling summary") ---------------------------------------------
+    @property
+    def summary(self) -> str:
+        """The session's rolling summary (a hash; same hash tag, deleted with the session)."""
+        return self.log.removesuffix(":log") + ":summary"
+
     def function_keys(self) -> tuple[str, ...]:
         """The KEYS of the library's functions that change a session, in their order (engram.lua)."""
-        return (self.log, self.meta, self.turns, self.index, self.archive, self.usage, self.expiry)
+        own = (self.log, self.meta, self.turns)
+        return (*own, self.index, self.archive, self.usage, self.expiry, self.summary, *self.memory_blocks.all())
+
+    @property
+    def memory_blocks(self) -> BlockKeys:
+        """The session's durable LlamaIndex memory blocks' state (same hash tag; deleted with the session)."""
+        base = self.log.removesuffix(":log")
+        return BlockKeys(facts=f"{base}:facts", blocks=f"{base}:blocks")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockKeys:
+    """The keys of one session's durable memory blocks (same hash tag as :class:`SessionKeys`)."""
+
+    facts: str  # zset: every fact-extraction block's facts, member "<block id>:<fact>"
+    blocks: str  # hash: "<block id>" -> JSON state of other blocks (static content)
+
+    def all(self) -> tuple[str, str]:
+        """Both keys (what deleting or erasing the session must delete too)."""
+        return (self.facts, self.blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +190,11 @@ class KeySpace:
             return None
         session_id, brace, _ = key[len(prefix) :].partition("}")
         return session_id if brace and SESSION_ID_PATTERN.fullmatch(session_id) else None
+
+    # --- durable memory blocks (LlamaIndex ``Memory``; engram.history.blocks) -----------------------
+    def memory_blocks(self, tenant: str, session_id: str) -> BlockKeys:
+        """The keys holding a session's memory blocks' state: in the session's hash tag (its slot)."""
+        return self.session(tenant, session_id).memory_blocks
 
     # --- system space (operator / CLI only; never in a tenant's ACL) ---------------------------------
     def tenant_record(self, tenant: str) -> str:

@@ -101,10 +101,22 @@ class Settings(BaseSettings):
     burst: Annotated[int, _bounds(BURST)] = BURST.default
     max_message_bytes: int = Field(32 * 1024, ge=1, le=16 * 1024 * 1024, description="UTF-8 bytes per message")
     cache_sessions: int = Field(10_000, ge=0, description="session tails kept per process (0 = no cache)")
-    memory: Literal["on", "off"] = Field(
+    memory: Literal["on", "window", "summary", "off"] = Field(
         "on",
-        description="off = a benchmark baseline only: chat turns skip loading and storing history and the model "
-        "gets just the new message (a stateless service, for comparison; see docs/benchmarks.md)",
+        description="on (or window) = the window of history that fits the token limit; summary = the window plus a "
+        "durable rolling summary of what fell out of it (docs/design.md, 'Rolling summary'); off = a benchmark "
+        "baseline only: chat turns skip loading and storing history and the model gets just the new message (a "
+        "stateless service, for comparison; see docs/benchmarks.md)",
+    )
+    # --- rolling summary (ENGRAM_MEMORY=summary) ---------------------------------------------------------
+    summary_max_tokens: int = Field(
+        512, ge=16, le=100_000, description="tokens of the token limit kept for the summary (at most half of it)"
+    )
+    summary_batch: int = Field(
+        16, ge=1, le=1000, description="messages out of the window, not yet summarized, that start a summarizer"
+    )
+    summary_concurrency: int = Field(
+        4, ge=1, le=1000, description="summarizers running at once per process (more are skipped, not queued)"
     )
 
     # --- model ---------------------------------------------------------------------------------------

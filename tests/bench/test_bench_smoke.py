@@ -1,6 +1,6 @@
-"""`make bench` at tiny sizes, so the harness never rots: the per-turn cost at 10 and 100 messages, the
-three end-to-end stacks (2 replicas each, real HAProxy), and the report. Checks that every output is
-complete and sane; no timing is asserted (this machine's speed is not what is tested)."""
+"""`make bench` at tiny sizes, so the harness never rots: the per-turn cost at 10 and 100 messages, summary
+mode at 10 and 100, the three end-to-end stacks (2 replicas each, real HAProxy), and the report. Checks that
+every output is complete and sane; no timing is asserted (this machine's speed is not what is tested)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,22 @@ def check_burst(result: dict[str, Any]) -> None:
         assert 0 < b["p50_ms"] <= b["p99_ms"] and b["alone_p50_ms"] > 0, b
 
 
+def check_summary(result: dict[str, Any]) -> None:
+    rows = {(row["size"], row["contender"]): row for row in result["hot_path"]}
+    assert set(rows) == {(s, n) for s in (10, 100) for n in ("engram-summary", "csmb+redis")} | {(10, "csmb-steady")}
+    for (_, name), row in rows.items():
+        assert row["turns"] == 3 and 0 < row["median_ms"] <= row["p99_ms"], row
+        if name == "engram-summary":
+            assert row["round_trips"] == 2.0, row  # the summary comes with the window's load
+        elif name == "csmb+redis":
+            assert row["round_trips"] > 2, row
+    kinds = {(item["size"], item["kind"]): item for item in result["summarizing"]}
+    assert set(kinds) == {(s, k) for s in (10, 100) for k in ("catch-up", "steady")}
+    assert kinds[(10, "catch-up")]["messages"] == 0  # 10 messages fit the window: nothing to fold
+    assert kinds[(100, "catch-up")]["messages"] > 0 and kinds[(100, "catch-up")]["ms_per_message"] > 0
+    assert result["growth"]["from"] == 10 and result["growth"]["to"] == 100 and result["growth"]["ratio"] > 0
+
+
 def check_report(markdown: str) -> None:
     assert "## Targets" in markdown and "| target | where we stand | met |" in markdown
     assert "| 2 Redis round trips per turn | 2.0–2.0 | yes |" in markdown
@@ -86,11 +102,15 @@ def check_report(markdown: str) -> None:
         "## 3. End to end",
         "## 4. Footprint",
         "## 5. Bursts on one replica",
+        "## 6. Summary mode (rolling summary)",
     ):
         assert heading in markdown
     for stack in ("engram", "stateless", "sticky"):
         assert f"| `{stack}` |" in markdown and f"RSS per worker after warm-up, `{stack}`" in markdown
     assert "process start to `/readyz` OK" in markdown
+    assert "| summary mode: hot path at 100 ≤ 1.5× its cost at 10 |" in markdown
+    assert "| `engram-summary` |" in markdown and "| `csmb+redis` |" in markdown
+    assert "ChatSummaryMemoryBuffer" in markdown
 
 
 def test_bench_harness_at_tiny_sizes_writes_complete_results_and_report(tmp_path: Path) -> None:
@@ -104,10 +124,14 @@ def test_bench_harness_at_tiny_sizes_writes_complete_results_and_report(tmp_path
     finish(e2e, tmp_path / "e2e.log")
     check_turn_cost(json.loads(turn_cost.read_text()))
     check_end_to_end(json.loads(end_to_end.read_text()))
-    burst = tmp_path / "burst.json"
+    burst, summary = tmp_path / "burst.json", tmp_path / "summary.json"
     bursts = bench("burst", "--concurrency", "10,20", "--rounds", "1", "--json", str(burst), log=tmp_path / "b.log")
     finish(bursts, tmp_path / "b.log")
     check_burst(json.loads(burst.read_text()))
+    summary_args = ["--sizes", "10,100", "--turns", "3", "--csmb-turns", "3", "--json", str(summary)]
+    summaries = bench("summary", *summary_args, log=tmp_path / "s.log")
+    finish(summaries, tmp_path / "s.log")
+    check_summary(json.loads(summary.read_text()))
 
     report = bench(
         "report",
@@ -117,6 +141,8 @@ def test_bench_harness_at_tiny_sizes_writes_complete_results_and_report(tmp_path
         str(end_to_end),
         "--burst",
         str(burst),
+        "--summary",
+        str(summary),
         "--out",
         str(out),
         log=tmp_path / "report.log",

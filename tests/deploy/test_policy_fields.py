@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from engram.policy import POLICY_FIELDS, RETENTION, PolicyField
+from engram.policy import MEMORY_MODE, POLICY_FIELDS, RETENTION, PolicyField
 from tests.deploy.conftest import CHART, render
 
 CRD_ONLY = {"tenant"}  # spec fields that are not policy
@@ -65,7 +65,7 @@ def test_the_crd_holds_the_retention_choices_and_default(crd: dict[str, Any]) ->
 
 
 def test_the_crd_spec_has_no_policy_field_python_does_not_define(crd: dict[str, Any]) -> None:
-    defined = {f.crd_name for f in POLICY_FIELDS} | {RETENTION.crd_name} | CRD_ONLY
+    defined = {f.crd_name for f in POLICY_FIELDS} | {RETENTION.crd_name, MEMORY_MODE.crd_name} | CRD_ONLY
     assert set(crd_spec_properties(crd)) == defined
 
 
@@ -87,6 +87,24 @@ def test_values_schema_holds_each_policy_fields_default_and_bounds_wherever_it_a
     for field in POLICY_FIELDS:
         assert {f".config.{field.crd_name}", f".memoryNamespaces.items.spec.{field.crd_name}"} <= paths
     assert ".memoryNamespaces.items.spec.retentionPolicy" in paths
+
+
+def test_the_memory_mode_has_the_same_choices_in_the_crd_the_values_schema_and_values_yaml(
+    crd: dict[str, Any],
+) -> None:
+    mode = crd_spec_properties(crd)[MEMORY_MODE.crd_name]
+    assert mode["enum"] == list(MEMORY_MODE.choices) and "default" not in mode  # unset: the service's default
+    properties = values_schema()["properties"]
+    assert properties["config"]["properties"]["memory"]["enum"] == list(MEMORY_MODE.choices)
+    sample_spec = properties["memoryNamespaces"]["items"]["properties"]["spec"]["properties"]
+    assert sample_spec[MEMORY_MODE.crd_name]["enum"] == list(MEMORY_MODE.choices)
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["config"]["memory"] in MEMORY_MODE.choices
+
+
+def test_the_chat_deployment_passes_the_memory_mode_as_engram_memory() -> None:
+    (container,) = render().one("Deployment", "engram-chat")["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["ENGRAM_MEMORY"] == "window"
 
 
 def test_values_yaml_defaults_are_the_policy_defaults() -> None:

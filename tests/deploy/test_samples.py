@@ -43,6 +43,10 @@ def test_samples_are_rendered_from_values(crd: dict[str, Any]) -> None:
         "sessionTTLSeconds": 86400,
         "maxMessagesPerSession": 2000,
         "tokenLimit": 4000,
+        "maxSessions": 10000,
+        "maxStoredBytes": 1073741824,
+        "requestsPerSecond": 50,
+        "burst": 100,
         "retentionPolicy": "Retain",
     }
     assert not render().all("MemoryNamespace")

@@ -245,23 +245,30 @@ async def test_retention_keeps_the_newest_messages_and_forgets_trimmed_turn_ids(
     assert [m.content for m in window.messages] == contents
 
 
-async def test_a_turn_costs_two_commands_at_the_server(redis_server: RedisServer, store: HistoryStore) -> None:
+@pytest.mark.parametrize(
+    "policy",
+    [Policy(), Policy(requests_per_second=1000, burst=10, max_sessions=10, max_stored_bytes=10**6)],
+    ids=["no-quotas", "rate-and-quotas"],
+)
+async def test_a_turn_costs_two_commands_at_the_server(
+    redis_server: RedisServer, store: HistoryStore, policy: Policy
+) -> None:
     for n in range(3):  # warm up: connection handshake, function library loaded
-        await store.load_window("acme", "s1", 3000)
-        await store.commit_turn("acme", "s1", f"warm{n}", "q", "a")
+        await store.load_window("acme", "s1", 3000, policy=policy)
+        await store.commit_turn("acme", "s1", f"warm{n}", "q", "a", policy)
     monitor, marker = redis.Redis(port=redis_server.port), redis.Redis(port=redis_server.port)
     marker.ping()  # connect now, so its handshake is not seen below
     seen: list[str] = []
     with monitor.monitor() as m:
-        await store.load_window("acme", "s1", 3000)
-        await store.commit_turn("acme", "s1", "counted", "q", "a")
+        await store.load_window("acme", "s1", 3000, policy=policy)
+        await store.commit_turn("acme", "s1", "counted", "q", "a", policy)
         marker.ping()  # stop reading here
         for event in m.listen():
             if event["command"] == "PING":
                 break
             if event.get("client_type") != "lua":
                 seen.append(event["command"].split()[0].upper())
-    assert seen == ["FCALL", "FCALL"]  # load (write-checked, see engram.lua), commit
+    assert seen == ["FCALL", "FCALL"]  # load (write-checked, counts the rate), commit (checks the quotas)
 
 
 async def test_paging_through_messages_returns_each_once_in_order(store: HistoryStore) -> None:

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from engram.policy import POLICY_FIELDS, RETENTION, Policy, PolicyField
+from engram.policy import MEMORY_MODE, POLICY_FIELDS, RETENTION, Policy, PolicyField
 from engram.redis_keys import TENANT_PATTERN
 from engram_operator.resource import GROUP, KIND, PLURAL, VERSION, InvalidSpec, spec_from_body
 
@@ -89,6 +89,8 @@ INVALID = {
     "huge token limit": {"tokenLimit": 10_000_000},
     "unknown retention": {"retentionPolicy": "Archive"},
     "retention in lower case": {"retentionPolicy": "delete"},
+    "unknown memory mode": {"memory": "everything"},
+    "memory mode in capitals": {"memory": "Summary"},
 }
 
 
@@ -114,6 +116,16 @@ def test_crd_tenant_pattern_and_retention_choices_match_the_operator() -> None:
     fields = schema()["properties"]["spec"]["properties"]
     assert fields["tenant"]["pattern"] == f"^{TENANT_PATTERN.pattern}$"
     assert fields["retentionPolicy"]["enum"] == list(RETENTION.choices)
+
+
+def test_the_memory_mode_reaches_the_tenants_policy_and_unset_means_the_services_default() -> None:
+    for mode in MEMORY_MODE.choices:
+        body = resource(memory=mode)
+        validate(body)
+        body["metadata"]["namespace"] = "default"
+        assert spec_from_body(body).policy.memory == mode
+    assert schema()["properties"]["spec"]["properties"]["memory"]["enum"] == list(MEMORY_MODE.choices)
+    assert "default" not in schema()["properties"]["spec"]["properties"]["memory"]
 
 
 def test_an_empty_spec_gets_the_policy_defaults() -> None:

@@ -14,6 +14,7 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from engram.policy import TOKEN_LIMIT
 from engram.redis_keys import KeySpace
 from engram.tenancy.apikeys import hash_secret
 from tests.kube_real.conftest import ControlPlane, LocalOperator, OperatorRedis, wait_until
+from tests.server.support import ServiceProcess, chat, service_env
 
 pytestmark = pytest.mark.kube_real
 
@@ -308,3 +310,38 @@ def test_another_writer_between_the_operators_read_and_write_is_handled(
     assert redis.hget(KEYS.tenant_record("race"), "token_limit") == "2000"
     assert body["metadata"]["labels"]["team"] == "b", "the other writer's change is kept"
     assert body["spec"]["tokenLimit"] == 2000
+
+
+def test_quotas_set_on_a_memorynamespace_bind_every_replica_and_show_in_its_status(
+    plane: ControlPlane, tenants: str, operator_redis: OperatorRedis, tmp_path: Path
+) -> None:
+    create(plane, "quota", maxSessions=2, maxStoredBytes=1_000_000)
+    wait_ready(plane, "quota")
+    api_key = secret_values(secret(plane, "quota"))["api-key"]
+    env = service_env(operator_redis.url, ENGRAM_AUTH="required", ENGRAM_TENANT_CACHE_SECONDS="2")
+    service = ServiceProcess(env, tmp_path / "service.log").start()
+    headers = {"Authorization": f"Bearer {api_key}"}
+    try:
+        for session in ("first", "second"):
+            assert chat(service.url, session, "hello", headers=headers).status_code == 200
+        refused = chat(service.url, "third", "hello", headers=headers)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "session_quota_exceeded"
+
+        patch = json.dumps({"spec": {"maxSessions": 3}})
+        plane.kubectl("patch", "memorynamespace", "quota", "-n", NAMESPACE, "--type=merge", "-p", patch)
+        applied = wait_ready(plane, "quota", generation=2)
+        assert applied["status"]["usage"]["sessions"] == 2
+        assert applied["status"]["usage"]["storedBytes"] > 0
+        written = time.monotonic()
+        while chat(service.url, "third", "hello", headers=headers).status_code != 200:
+            # the replica re-reads the tenant when its cached entry (2 s) expires
+            assert time.monotonic() - written < 2 + 10, "the raised quota did not reach the replica"
+            time.sleep(0.2)
+    finally:
+        service.stop()
+
+    def usage_counted() -> dict[str, Any] | None:  # the repair timer refreshes the status
+        usage = (get(plane, "quota").get("status") or {}).get("usage") or {}
+        return usage if usage.get("sessions") == 3 else None
+
+    wait_until("status.usage to count the third session", usage_counted, timeout=60)

@@ -36,6 +36,7 @@ class FakeModel:
         self.arrived = threading.Event()
         self.last_headers = ""
         self.last_request: dict[str, Any] = {}  # the JSON body of the newest request
+        self.requests_seen: list[dict[str, Any]] = []  # every request's JSON body, in arrival order
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -126,6 +127,7 @@ class FakeModel:
         body = await reader.readexactly(length) if length else b"{}"
         parsed: dict[str, Any] = json.loads(body or b"{}")
         self.last_request = parsed
+        self.requests_seen.append(parsed)
         return parsed
 
     async def _stream(self, writer: asyncio.StreamWriter, request: dict[str, Any]) -> None:

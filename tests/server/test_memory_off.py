@@ -69,4 +69,4 @@ def test_memory_on_is_the_default_and_other_values_are_refused(
         timeout=30,
     )
     assert run.returncode == 2
-    assert "ENGRAM_MEMORY: Input should be 'on' or 'off'" in run.stderr
+    assert "ENGRAM_MEMORY: Input should be 'on', 'window', 'summary' or 'off'" in run.stderr

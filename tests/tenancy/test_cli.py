@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import stat
 from collections.abc import Iterator
@@ -9,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
+from engram.history import HistoryStore
 from engram.policy import POLICY_FIELDS, PolicyField
 from engram.redis_keys import KeySpace
 from engram.settings import get_settings
@@ -102,6 +106,19 @@ def test_create_refuses_a_policy_value_that_is_not_an_integer(capsys: pytest.Cap
         main(["tenant", "create", "acme", "--ttl", "1h"])
     assert exited.value.code == 2
     assert "argument --ttl: expected an integer in [0, 315360000], got '1h'" in capsys.readouterr().err
+
+
+def test_create_takes_a_memory_mode_or_leaves_it_to_the_service(
+    capsys: pytest.CaptureFixture[str], admin: redis.Redis
+) -> None:
+    assert run(capsys, "create", "acme", "--memory", "summary")[0] == EXIT_OK
+    assert admin.hget(KEYS.tenant_record("acme"), "memory") == "summary"
+    assert run(capsys, "create", "other")[0] == EXIT_OK
+    assert admin.hget(KEYS.tenant_record("other"), "memory") == ""  # unset: ENGRAM_MEMORY decides
+    with pytest.raises(SystemExit) as exited:
+        main(["tenant", "create", "third", "--memory", "everything"])
+    assert exited.value.code == 2 and "invalid choice: 'everything'" in capsys.readouterr().err
+    assert not admin.exists(KEYS.tenant_record("third"))
 
 
 def test_creating_an_existing_tenant_is_refused_and_prints_no_key(capsys: pytest.CaptureFixture[str]) -> None:
@@ -273,3 +290,117 @@ def test_tenant_sync_restores_users_a_restart_lost_and_changes_no_key(
     assert can_log_in(redis_server.url, password)  # the same password...
     assert admin.hgetall(KEYS.tenant_record("acme")) == record_before  # ...and the same API key
     assert run(capsys, "sync")[2].strip().endswith("1 tenants in sync (0 ACL users re-applied)")
+
+
+def store_turns(redis_url: str, tenant: str, turns: list[tuple[str, str, str | None]]) -> None:
+    """Commit (session, message, subject) turns as the service would."""
+
+    async def commit() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        store = HistoryStore(client, KEYS, cache_sessions=0)
+        try:
+            for n, (session, message, subject) in enumerate(turns):
+                await store.commit_turn(tenant, session, f"t{n}", message, f"re: {message}", subject=subject)
+        finally:
+            await client.aclose()
+
+    asyncio.run(commit())
+
+
+def test_update_changes_only_the_flags_given_and_keeps_the_key(
+    capsys: pytest.CaptureFixture[str], admin: redis.Redis
+) -> None:
+    key = run(capsys, "create", "acme", "--token-limit", "700")[1].strip()
+    code, out, err = run(capsys, "update", "acme", "--max-sessions", "5", "--requests-per-second", "20")
+    assert (code, out) == (EXIT_OK, "")
+    assert "max_sessions=5" in err and "requests_per_second=20" in err
+    record = admin.hgetall(KEYS.tenant_record("acme"))
+    assert (record["max_sessions"], record["requests_per_second"], record["token_limit"]) == ("5", "20", "700")
+    assert record["api_key_sha256"] == hash_secret(key)
+    assert run(capsys, "update", "nobody", "--burst", "3")[0] == EXIT_REFUSED
+    admin.hset(KEYS.tenant_record("acme"), "owner", "memorynamespace/ns/acme")
+    code, _, err = run(capsys, "update", "acme", "--burst", "3")
+    assert code == EXIT_REFUSED and "pass --force" in err
+
+
+def test_update_refuses_a_value_out_of_bounds(capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "create", "acme")
+    with pytest.raises(SystemExit) as exited:
+        main(["tenant", "update", "acme", "--max-stored-bytes", "-5"])
+    assert exited.value.code == 2
+
+
+def test_export_prints_every_session_as_json_lines_and_list_shows_the_usage(
+    capsys: pytest.CaptureFixture[str], redis_url: str
+) -> None:
+    run(capsys, "create", "acme", "--max-sessions", "10")
+    store_turns(redis_url, "acme", [("s1", "one", None), ("s2", "two", None), ("s1", "three", None)])
+    store_turns(redis_url, "other", [("s9", "not acme's", None)])
+    code, out, err = run(capsys, "export", "acme")
+    assert code == EXIT_OK and "exported 6 messages of 2 sessions" in err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(line["type"], line["session_id"]) for line in lines] == [
+        *[("message", "s1")] * 4,
+        ("end", "s1"),
+        *[("message", "s2")] * 2,
+        ("end", "s2"),
+    ]
+    assert [line["message"]["content"] for line in lines[:4]] == ["one", "re: one", "three", "re: three"]
+    assert lines[4]["messages"] == 4
+
+    code, out, _ = run(capsys, "list")
+    header, row = out.splitlines()[0].split(), out.splitlines()[1].split()
+    usage = dict(zip(header, row, strict=True))
+    assert (usage["SESSIONS"], usage["MAX_SESSIONS"], usage["RPS"]) == ("2", "10", "-")
+    stored = sum(len(m) for m in ("one", "re: one", "two", "re: two", "three", "re: three"))
+    assert int(usage["STORED_BYTES"]) == stored + 3 * len("user") + 3 * len("assistant")
+
+
+def test_erase_subject_deletes_only_that_subjects_sessions(capsys: pytest.CaptureFixture[str], redis_url: str) -> None:
+    run(capsys, "create", "acme")
+    store_turns(redis_url, "acme", [("a1", "hi", "alice"), ("a2", "hi", "alice"), ("b1", "hi", "bob")])
+    code, _, err = run(capsys, "erase-subject", "acme", "alice")
+    assert code == EXIT_OK and "2 sessions deleted" in err
+    code, out, _ = run(capsys, "export", "acme")
+    assert {json.loads(line)["session_id"] for line in out.splitlines()} == {"b1"}
+
+
+def test_export_includes_archived_messages_the_summary_and_memory_blocks(
+    capsys: pytest.CaptureFixture[str], redis_url: str, admin: redis.Redis
+) -> None:
+    run(capsys, "create", "acme")
+    store_turns(redis_url, "acme", [("s1", "one", None), ("s1", "two", None)])
+    keys = KEYS.session("acme", "s1")
+    epoch = admin.hget(keys.meta, "epoch")
+    first_id = admin.xrange(keys.log, count=1)[0][0]
+    admin.hset(keys.summary, mapping={"text": "they said one", "covers_through": first_id, "epoch": epoch})
+    admin.hset(keys.summary, mapping={"messages_covered": 1, "tokens": 3})
+    admin.zadd(keys.memory_blocks.facts, {"facts:likes tea": 1, "facts:lives in Oslo": 2})
+    admin.hset(keys.memory_blocks.blocks, "persona", '"a support bot"')
+    asyncio.run(_archive_oldest(redis_url, 2))
+    code, out, err = run(capsys, "export", "acme")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == EXIT_OK and "exported 4 messages of 1 sessions" in err
+    assert [(line["type"], line.get("archived")) for line in lines[:4]] == [("message", True)] * 2 + [
+        ("message", False)
+    ] * 2
+    assert lines[4] == {
+        "type": "summary",
+        "session_id": "s1",
+        "text": "they said one",
+        "covers_through": first_id,
+        "messages_covered": 1,
+    }
+    assert lines[5:7] == [
+        {"type": "memory_block", "session_id": "s1", "block": "facts", "facts": ["likes tea", "lives in Oslo"]},
+        {"type": "memory_block", "session_id": "s1", "block": "persona", "state": '"a support bot"'},
+    ]
+    assert lines[7] == {"type": "end", "session_id": "s1", "messages": 4}
+
+
+async def _archive_oldest(redis_url: str, count: int) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await HistoryStore(client, KEYS, cache_sessions=0).take_oldest("acme", "s1", count, archive=True)
+    finally:
+        await client.aclose()

@@ -7,7 +7,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from engram.errors import InvalidInput, InvalidPolicy
-from engram.policy import POLICY_FIELDS, RETENTION, Policy, PolicyField
+from engram.policy import MEMORY_MODE, POLICY_FIELDS, RETENTION, Policy, PolicyField
 from engram.tenancy.provision import list_tenants
 from engram.tenancy.records import InvalidRecord
 from engram.tenancy.registry import TenantRegistry, read_record
@@ -22,7 +22,8 @@ OUT_OF_BOUNDS = [
 
 def test_policy_defaults_are_the_fields_defaults() -> None:
     assert Policy() == Policy(**{f.name: f.default for f in POLICY_FIELDS})
-    assert [f.name for f in POLICY_FIELDS] == list(Policy.__dataclass_fields__)
+    assert [f.name for f in POLICY_FIELDS] == [n for n in Policy.__dataclass_fields__ if n != MEMORY_MODE.name]
+    assert Policy().memory is None  # the service's ENGRAM_MEMORY
 
 
 @pytest.mark.parametrize(("field", "value"), OUT_OF_BOUNDS)
@@ -49,6 +50,33 @@ def test_retention_takes_only_its_choices() -> None:
     assert [RETENTION.parse(choice) for choice in RETENTION.choices] == ["Delete", "Retain"]
     with pytest.raises(InvalidPolicy, match=r"retention: expected Delete or Retain, got 'delete'"):
         RETENTION.parse("delete")
+
+
+def test_the_memory_mode_takes_only_its_choices_or_unset() -> None:
+    assert [MEMORY_MODE.parse(choice) for choice in MEMORY_MODE.choices] == ["window", "summary"]
+    assert MEMORY_MODE.parse(None) is None and MEMORY_MODE.parse("") is None
+    with pytest.raises(InvalidPolicy, match=r"memory: expected window or summary, got 'Summary'"):
+        MEMORY_MODE.parse("Summary")
+    with pytest.raises(InvalidPolicy, match=r"memory: expected window or summary, got 'all'"):
+        Policy(memory="all")  # type: ignore[arg-type]
+
+
+async def test_a_tenants_memory_mode_is_stored_and_resolved_with_its_key(
+    admin: aioredis.Redis, make_tenant: MakeTenant
+) -> None:
+    credentials = await make_tenant("acme", Policy(memory="summary"))
+    await make_tenant("other")
+    registry = TenantRegistry(admin, KEYS, cache_seconds=0)
+    tenant = await registry.resolve_api_key(credentials.api_key)
+    assert tenant is not None and tenant.policy.memory == "summary"
+    other = await read_record(admin, KEYS, "other")
+    assert other is not None and other.policy.memory is None
+    await admin.hdel(KEYS.tenant_record("other"), MEMORY_MODE.name)  # a record written before the field existed
+    older = await read_record(admin, KEYS, "other")
+    assert older is not None and older.policy.memory is None
+    await admin.hset(KEYS.tenant_record("acme"), MEMORY_MODE.name, "everything")
+    with pytest.raises(InvalidRecord, match=r"memory: expected window or summary, got 'everything'"):
+        await read_record(admin, KEYS, "acme")
 
 
 @pytest.mark.parametrize(("field", "value"), OUT_OF_BOUNDS)

@@ -4,8 +4,9 @@
 -- Every function takes the keys of ONE session (one hash tag), plus the tenant's own keys where noted: the
 -- session index, the usage hash and expiry zset (quotas), the rate key, a subject's session set (see
 -- docs/design.md on Redis Cluster). Functions that change a session's messages take the SESSION KEYS, in
--- this order: log, meta, turns, index, archive, usage, expiry (and, for commit and delete_session, the
--- subject's set as an optional 8th).
+-- this order: log, meta, turns, index, archive, usage, expiry, summary, facts, blocks (the LlamaIndex memory
+-- blocks' state, deleted with the session) and, for commit and delete_session, the subject's set as an
+-- optional 11th.
 -- Any change to this file must rename the library (engram_vN) and its functions: ensure_library REPLACEs
 -- a library of the same name whose code differs, so two releases sharing a name would keep swapping it.
 -- Stream entry fields: role, content, tokens (counted once, at write time), turn (optional), extra (optional).
@@ -76,11 +77,10 @@ local function add_usage(usage, session_id, delta)
 end
 
 local function forget_usage(usage, expiry, session_id)
-  local counted = redis.call('HGET', usage, session_id)
-  if counted then
-    redis.call('HINCRBY', usage, TOTAL, -tonumber(counted))
-    redis.call('HDEL', usage, session_id)
-  end
+  local counted = tonumber(redis.call('HGET', usage, session_id) or 0)
+  -- (never HINCRBY by -0: Lua writes it "-0", which Redis refuses as an integer)
+  if counted ~= 0 then redis.call('HINCRBY', usage, TOTAL, 0 - counted) end
+  redis.call('HDEL', usage, session_id)
   redis.call('ZREM', expiry, session_id)
 end
 
@@ -99,9 +99,9 @@ local function sweep_expired(usage, expiry, now, limit)
   return #gone
 end
 
--- The session's own keys (log, meta, turns, archive) get the TTL, and expiry records when they go.
+-- The session's own keys (log, meta, turns, archive, summary) get the TTL, and expiry records when they go.
 local function apply_ttl(keys, session_id, ttl, now)
-  for _, i in ipairs({ 1, 2, 3, 5 }) do
+  for _, i in ipairs({ 1, 2, 3, 5, 8 }) do
     if ttl > 0 then redis.call('EXPIRE', keys[i], ttl) else redis.call('PERSIST', keys[i]) end
   end
   if ttl > 0 then redis.call('ZADD', keys[7], now + ttl * 1000, session_id)
@@ -132,11 +132,11 @@ end
 local function link_subject(keys, session_id, subject, ttl)
   if subject == '' then return end
   redis.call('HSET', keys[2], 'subject', subject)
-  redis.call('SADD', keys[8], session_id)
+  redis.call('SADD', keys[11], session_id)
   if ttl > 0 then
-    if redis.call('TTL', keys[8]) < ttl then redis.call('EXPIRE', keys[8], ttl) end
+    if redis.call('TTL', keys[11]) < ttl then redis.call('EXPIRE', keys[11], ttl) end
   else
-    redis.call('PERSIST', keys[8])
+    redis.call('PERSIST', keys[11])
   end
 end
 
@@ -176,17 +176,20 @@ local function set_label(meta, label)
   if label ~= '' then redis.call('HSET', meta, 'key', label) end
 end
 
--- load_window: KEYS log, meta, turns, rate. ARGV cached_epoch, after_id, token_budget, max_count, turn_id,
--- rate, burst. Returns {epoch, first_id, complete, replay, entries newest-first}. Reads only the entries
--- newer than after_id (when the cached epoch still holds) that fit the budget: never the whole session.
--- With rate > 0 the tenant's request rate is checked (and counted) first: over it, the error
+local load_summary  -- defined with the rolling summary's functions, near the end of this file
+
+-- load_window: KEYS log, meta, turns, summary, rate. ARGV cached_epoch, after_id, token_budget, max_count,
+-- turn_id, summary_batch, rate, burst. Returns {epoch, first_id, complete, replay, entries newest-first,
+-- summary}. Reads only the entries newer than after_id (when the cached epoch still holds) that fit the
+-- budget: never the whole session. summary (see load_summary) is {} unless summary_batch > 0. With
+-- rate > 0 the tenant's request rate is checked (and counted) first: over it, the error
 -- 'ENGRAM_RATE <ms to wait>' and nothing read.
 local function load_window(keys, args)
   local log, meta, turns = keys[1], keys[2], keys[3]
-  local wait = take_rate(keys[4], tonumber(args[6]), tonumber(args[7]), now_ms())
+  local wait = take_rate(keys[5], tonumber(args[7]), tonumber(args[8]), now_ms())
   if wait > 0 then return rate_limited(wait) end
   local epoch = redis.call('HGET', meta, 'epoch')
-  if not epoch then return { '', '', 1, {}, {} } end
+  if not epoch then return { '', '', 1, {}, {}, {} } end
   local replay = {}
   if args[5] ~= '' then
     local ids = redis.call('HGET', turns, args[5])
@@ -213,7 +216,7 @@ local function load_window(keys, args)
     if #batch < chunk then complete = 1; break end
     upper = '(' .. batch[#batch][1]
   end
-  return { epoch, first_id, complete, replay, out }
+  return { epoch, first_id, complete, replay, out, load_summary(log, keys[4], epoch, tonumber(args[6]) or 0) }
 end
 
 -- commit: SESSION KEYS (+ the subject's set when subject is given). ARGV turn_id, ttl, max_messages,
@@ -298,6 +301,7 @@ local function replace(keys, args)
   redis.call('DEL', log, turns)
   if count == 0 then
     redis.call('DEL', meta)
+    redis.call('DEL', keys[8])  -- the rolling summary goes with the session
     redis.call('ZREM', index, args[3])
     recount_usage(keys, args[3])
     return { '', {} }
@@ -380,14 +384,15 @@ local function insert_at(keys, args)
 end
 
 -- delete_session: SESSION KEYS (+ the subject's set, when the session has a subject). ARGV session_id.
--- Removes everything of the session: its keys, its index entry, its usage and its subject link.
--- 1 when something was deleted.
+-- Removes everything of the session: its keys (summary and memory blocks included), its index entry, its
+-- usage and its subject link. 1 when something was deleted.
 local function delete_session(keys, args)
   local session_id = args[1]
   local existed = redis.call('DEL', keys[1], keys[2], keys[3], keys[5])
+  redis.call('DEL', keys[8], keys[9], keys[10])  -- summary and memory blocks (alone, they are no session)
   local indexed = redis.call('ZREM', keys[4], session_id)
   forget_usage(keys[6], keys[7], session_id)
-  if keys[8] then redis.call('SREM', keys[8], session_id) end
+  if keys[11] then redis.call('SREM', keys[11], session_id) end
   if existed + indexed > 0 then return 1 end
   return 0
 end
@@ -440,6 +445,49 @@ local function usage(keys)
   return { tonumber(redis.call('HGET', keys[1], TOTAL) or 0), redis.call('ZCARD', keys[2]) }
 end
 
+-- ---- rolling summary ---------------------------------------------------------------------------------
+-- The summary hash: text, covers_through (stream id of the newest message folded in), messages_covered,
+-- tokens (of text), epoch (the session's epoch when it was written). A summary of another epoch is void:
+-- the log was rewritten (replace, delete_at, insert_at) or deleted and re-created since, so it counts
+-- as empty, and the next advance starts over from the log's first message.
+local function current_summary(summary, epoch)
+  local got = redis.call('HMGET', summary, 'text', 'covers_through', 'messages_covered', 'tokens', 'epoch')
+  if got[5] ~= epoch then return '', '', 0, 0 end
+  return got[1] or '', got[2] or '', tonumber(got[3]) or 0, tonumber(got[4]) or 0
+end
+
+-- For the load: {text, covers_through, messages_covered, tokens, probe_id}. probe_id is the id of the
+-- batch-th message after covers_through ('' if there are fewer): when it is older than the window's
+-- first message, at least batch messages have fallen out of the window unsummarized. O(batch) reads.
+load_summary = function(log, summary, epoch, batch)
+  if batch <= 0 or not summary then return {} end
+  local text, covers, covered, tokens = current_summary(summary, epoch)
+  local lower = '-'
+  if covers ~= '' then lower = '(' .. covers end
+  local probe = redis.call('XRANGE', log, lower, '+', 'COUNT', batch)
+  local probe_id = ''
+  if #probe == batch then probe_id = probe[batch][1] end
+  return { text, covers, covered, tokens, probe_id }
+end
+
+-- summary_advance: KEYS log, meta, summary. ARGV epoch, expected_covers_through ('' = none yet), text,
+-- covers_through, count, tokens. Compare-and-set: writes only if the session still has that epoch and
+-- the summary still covers through expected_covers_through; messages_covered grows by exactly count.
+-- Returns 1 when written, 0 when another summarizer (or a rewrite) got there first. The summary lives
+-- as long as the log (its TTL is copied; commit refreshes both).
+local function summary_advance(keys, args)
+  local log, meta, summary = keys[1], keys[2], keys[3]
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch or epoch ~= args[1] then return 0 end
+  local _, covers, covered = current_summary(summary, epoch)
+  if covers ~= args[2] then return 0 end
+  redis.call('HSET', summary, 'text', args[3], 'covers_through', args[4],
+    'messages_covered', covered + tonumber(args[5]), 'tokens', args[6], 'epoch', epoch)
+  local ttl = redis.call('PTTL', log)
+  if ttl > 0 then redis.call('PEXPIRE', summary, ttl) else redis.call('PERSIST', summary) end
+  return 1
+end
+
 -- load writes nothing but the rate, and is NOT flagged no-writes on purpose: a turn's load must be
 -- refused (OOM at maxmemory, READONLY on a replica) exactly when the commit after it would be, before the
 -- model runs.
@@ -456,3 +504,4 @@ redis.register_function('engram_v4_take_oldest', take_oldest)
 redis.register_function('engram_v4_insert_at', insert_at)
 redis.register_function('engram_v4_rate', rate)
 redis.register_function('engram_v4_usage', usage)
+redis.register_function('engram_v4_summary_advance', summary_advance)

@@ -17,7 +17,7 @@ from redis.exceptions import NoPermissionError
 
 from engram.errors import StoreUnavailable
 
-LIBRARY_NAME = "engram_v4"  # v4: quotas (usage, expiry), rate limit in load, subjects
+LIBRARY_NAME = "engram_v4"  # v4: quotas (usage, expiry), rate limit in load, subjects, the rolling summary
 # v3: insert_at, sessions labelled with the LlamaIndex key (meta "key")
 # v2: prune_index, writable, write-checked load; deletes may run at maxmemory
 LIBRARY = resources.files("engram.history").joinpath("engram.lua").read_text(encoding="utf-8")
@@ -33,6 +33,7 @@ FN_WRITABLE = "engram_v4_writable"
 FN_INSERT_AT = "engram_v4_insert_at"
 FN_RATE = "engram_v4_rate"
 FN_USAGE = "engram_v4_usage"
+FN_SUMMARY_ADVANCE = "engram_v4_summary_advance"
 
 # Every command a user of Engram's history store sends, or that the library runs on its behalf (ACLs
 # apply inside functions too). This is the explicit allow-list for tenant and service Redis users:
@@ -52,6 +53,14 @@ TENANT_COMMANDS: tuple[str, ...] = (
     "zrange",  # paging through the tenant's session index (BYLEX; never KEYS/SCAN); sweeping expired usage
     "zcard",  # session count
     "sscan",  # a subject's sessions, for erasure by subject
+    # durable memory blocks (engram.history.blocks): facts are added with ZADD NX and condensed with an
+    # optimistic compare-and-set (WATCH the facts key, MULTI ... EXEC); redis-py ends a watch with UNWATCH
+    # and an aborted transaction with DISCARD. All on the session's own keys (one slot).
+    "watch",
+    "unwatch",
+    "multi",
+    "exec",
+    "discard",
     "wait",  # ENGRAM_COMMIT_DURABILITY=replicated: a commit is acknowledged once a replica has it
     # run by the library inside FCALL
     "hset",
@@ -72,6 +81,10 @@ TENANT_COMMANDS: tuple[str, ...] = (
     "hexists",
     "sadd",  # a subject's set of sessions
     "srem",
+    # the rolling summary: read by load and summary_advance, its TTL copied from the log's
+    "hmget",
+    "pttl",
+    "pexpire",
 )
 
 

@@ -54,6 +54,7 @@ from engram.history.functions import (
     FN_PRUNE_INDEX,
     FN_RATE,
     FN_REPLACE,
+    FN_SUMMARY_ADVANCE,
     FN_TAKE_OLDEST,
     FN_USAGE,
     FN_WRITABLE,
@@ -65,9 +66,11 @@ from engram.messages import (
     NewMessage,
     SessionInfo,
     SessionPage,
+    SessionSummary,
     StoredMessage,
     Usage,
     Window,
+    stream_id_key,
 )
 from engram.policy import Policy
 from engram.redis_keys import (
@@ -142,6 +145,38 @@ def _library_refusal(message: str) -> EngramError | None:
     return None
 
 
+def _parse_summary(raw: Sequence[Any], window: Sequence[StoredMessage]) -> SessionSummary:
+    """The load's summary reply ``[text, covers_through, messages_covered, tokens, probe_id]``; due when
+    the probe (the batch-th uncovered message) is older than the window's first message."""
+    if not raw:
+        return SessionSummary()
+    text, covers, covered, tokens, probe = (_text(v) for v in raw)
+    due = bool(probe) and bool(window) and stream_id_key(probe) < stream_id_key(window[0].id)
+    return SessionSummary(text, covers or None, int(covered), int(tokens), due)
+
+
+@asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    """Redis' failures as Engram's errors: unreachable or timed out -> :class:`StoreUnavailable`, full ->
+    :class:`StoreFull`, refusing writes -> :class:`StoreReadOnly`, a library function's refusal -> its error."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        raise StoreUnavailable(f"Redis is unavailable: {error}") from error
+    except OutOfMemoryError as error:
+        raise StoreFull("Redis is full (maxmemory reached): it refuses writes until space is freed") from error
+    except ReadOnlyError as error:  # a replica, e.g. during a failover: writes come back with the primary
+        raise StoreReadOnly("Redis is read-only (a replica): it refuses writes") from error
+    except ResponseError as error:
+        # Writes refused for now: too few replicas (min-replicas-to-write) or failing snapshots.
+        if str(error).startswith(("NOREPLICAS", "MISCONF")):
+            raise StoreReadOnly(f"Redis refuses writes for now: {str(error).split('.')[0]}") from error
+        refusal = _library_refusal(str(error))
+        if refusal is not None:
+            raise refusal from error
+        raise
+
+
 def _encode_cursor(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode().rstrip("=")
 
@@ -209,28 +244,9 @@ class HistoryStore:
         self.max_window_messages = max_window_messages
 
     # --- plumbing -------------------------------------------------------------------------------------
-    @asynccontextmanager
-    async def _redis_errors(self) -> AsyncIterator[None]:
-        try:
-            yield
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            raise StoreUnavailable(f"Redis is unavailable: {error}") from error
-        except OutOfMemoryError as error:
-            raise StoreFull("Redis is full (maxmemory reached): it refuses writes until space is freed") from error
-        except ReadOnlyError as error:  # a replica, e.g. during a failover: writes come back with the primary
-            raise StoreReadOnly("Redis is read-only (a replica): it refuses writes") from error
-        except ResponseError as error:
-            # Writes refused for now: too few replicas (min-replicas-to-write) or failing snapshots.
-            if str(error).startswith(("NOREPLICAS", "MISCONF")):
-                raise StoreReadOnly(f"Redis refuses writes for now: {str(error).split('.')[0]}") from error
-            refusal = _library_refusal(str(error))
-            if refusal is not None:
-                raise refusal from error
-            raise
-
     async def _call(self, make_call: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis call; load the function library once if Redis says it is missing."""
-        async with self._redis_errors():
+        async with redis_errors():
             try:
                 return await make_call()
             except ResponseError as error:
@@ -249,11 +265,11 @@ class HistoryStore:
 
     async def ensure_library(self) -> bool:
         """Load Engram's Redis functions if they are missing (needs a user allowed to FUNCTION LOAD)."""
-        async with self._redis_errors():
+        async with redis_errors():
             return await ensure_library(self.client)
 
     async def ping(self) -> bool:
-        async with self._redis_errors():
+        async with redis_errors():
             return bool(await self.client.ping())
 
     async def check_writable(self) -> None:
@@ -301,13 +317,16 @@ class HistoryStore:
         token_budget: int,
         *,
         turn_id: str | None = None,
+        summary_batch: int = 0,
         policy: Policy | None = None,
     ) -> Window:
         """The newest messages that fit ``token_budget``, oldest first, in one round trip.
 
         With ``turn_id``, ``Window.replay`` carries that turn if it was already committed (a client
-        retry): the caller can answer it without running the model again. With a ``policy`` that limits
-        the tenant's request rate, the same call counts the request (:class:`RateLimited` when over it).
+        retry): the caller can answer it without running the model again. With ``summary_batch`` > 0,
+        ``Window.summary`` is the session's rolling summary, read in the same call, and ``due`` when at
+        least that many messages older than the window are not covered by it yet. With a ``policy`` that
+        limits the tenant's request rate, the same call counts the request (:class:`RateLimited` when over it).
         """
         keys = self._session(tenant, session_id)
         if turn_id is not None:
@@ -322,21 +341,23 @@ class HistoryStore:
         raw = await self._call(
             lambda: self.client.fcall(
                 FN_LOAD,
-                4,
+                5,
                 keys.log,
                 keys.meta,
                 keys.turns,
+                keys.summary,
                 keys.rate,
                 request.epoch,
                 request.after_id,
                 token_budget,
                 self.max_window_messages,
                 turn_id or "",
+                summary_batch,
                 rate,
                 burst,
             )
         )
-        epoch, first_id, complete, replay_entries, entries = raw
+        epoch, first_id, complete, replay_entries, entries = raw[:5]
         reply = LoadReply(
             epoch=_text(epoch),
             first_id=_text(first_id),
@@ -352,7 +373,8 @@ class HistoryStore:
             await self.confirm_replicated(tenant, turn_id)  # answered as stored: it must be as durable as a commit
         fitted = new_tail.messages if new_tail else ()
         reaches_start = new_tail.complete if new_tail else True
-        return Window(messages, outcome, sum(m.tokens for m in messages), replay, fitted, reaches_start)
+        summary = _parse_summary(raw[5], messages) if summary_batch > 0 else None
+        return Window(messages, outcome, sum(m.tokens for m in messages), replay, fitted, reaches_start, summary)
 
     async def commit_turn(
         self,
@@ -416,6 +438,61 @@ class HistoryStore:
             return CommittedTurn(turn_id or "", entries, duplicate=True)
         self.cache.extend(keys.log, epoch, _text(raw[3]), entries, policy.token_limit)
         return CommittedTurn(turn_id or "", entries, usage=Usage(int(raw[4]), int(raw[5])))
+
+    # --- rolling summary (off the hot path; docs/design.md, "Rolling summary") -------------------------
+    async def read_summary(self, tenant: str, session_id: str) -> tuple[str, SessionSummary] | None:
+        """``(epoch, summary)`` of the session, or None when it does not exist. A summary written under
+        another epoch (the log was rewritten since) is void: an empty summary is returned."""
+        keys = self._session(tenant, session_id)
+        async with redis_errors():
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hget(keys.meta, "epoch")
+                pipe.hgetall(keys.summary)
+                epoch, fields = await pipe.execute()
+        if epoch is None:
+            return None
+        epoch = _text(epoch)
+        stored = {_text(k): _text(v) for k, v in (fields or {}).items()}
+        if stored.get("epoch") != epoch:
+            return epoch, SessionSummary()
+        return epoch, SessionSummary(
+            stored.get("text", ""),
+            stored.get("covers_through") or None,
+            int(stored.get("messages_covered", "0")),
+            int(stored.get("tokens", "0")),
+        )
+
+    async def messages_after(
+        self, tenant: str, session_id: str, after: str | None, before: str | None, count: int
+    ) -> list[StoredMessage]:
+        """At most ``count`` messages with ids after ``after`` and before ``before`` (both exclusive; None:
+        from the start / to the end), oldest first: what a summarizer folds next."""
+        keys = self._session(tenant, session_id)
+        async with redis_errors():
+            entries = await self.client.xrange(
+                keys.log, min="-" if after is None else f"({after}", max="+" if before is None else f"({before}",
+                count=count,
+            ) or []  # fmt: skip
+        return [_parse_entry(e) for e in entries]
+
+    async def advance_summary(
+        self,
+        tenant: str,
+        session_id: str,
+        epoch: str,
+        expected: str | None,
+        text: str,
+        covers_through: str,
+        count: int,
+    ) -> bool:
+        """Compare-and-set: store ``text`` as the summary covering ``count`` more messages, through
+        ``covers_through``, only if the session still has ``epoch`` and its summary still covers through
+        ``expected``. False when another summarizer or a rewrite got there first (drop the result)."""
+        keys = self._session(tenant, session_id)
+        tokens = self.count_tokens(text)
+        args = (keys.log, keys.meta, keys.summary, epoch, expected or "", text, covers_through, count, tokens)
+        raw = await self._call(lambda: self.client.fcall(FN_SUMMARY_ADVANCE, 3, *args))
+        return int(raw) == 1
 
     # --- commit durability ------------------------------------------------------------------------------
     async def _commit(self, tenant: str, keys: Sequence[str], args: Sequence[str | int], turn_id: str | None) -> Any:
@@ -522,7 +599,7 @@ class HistoryStore:
         """Delete every key of the session, its index entry, its usage and its subject's link to it.
         Returns False when it did not exist."""
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             subject = await self.client.hget(keys.meta, "subject")
         subject_key = self.keys.subject(tenant, _text(subject)) if subject is not None else None
         raw = await self._call_on_session(FN_DELETE_SESSION, keys, session_id, subject_key=subject_key)
@@ -540,7 +617,7 @@ class HistoryStore:
             found = False
             cursor: int = 0
             while True:
-                async with self._redis_errors():
+                async with redis_errors():
                     cursor, members = await self.client.sscan(subject_key, cursor, count=200)
                 for session_id in map(_text, members):
                     found = True
@@ -579,7 +656,7 @@ class HistoryStore:
         for archived, stream in ((True, keys.archive), (False, keys.log)):
             start = "-"
             while True:
-                async with self._redis_errors():
+                async with redis_errors():
                     entries = await self.client.xrange(stream, min=start, max="+", count=batch) or []
                 for entry in entries:
                     yield ExportedMessage(_parse_entry(entry), archived)
@@ -590,7 +667,7 @@ class HistoryStore:
     async def exists(self, tenant: str, session_id: str) -> bool:
         """Whether the session has any keys (messages, archive or metadata)."""
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             return int(await self.client.exists(keys.log, keys.meta, keys.archive)) > 0
 
     async def take_oldest(self, tenant: str, session_id: str, count: int, *, archive: bool) -> list[StoredMessage]:
@@ -608,25 +685,25 @@ class HistoryStore:
         hot path: it reads the whole range asked for)."""
         keys = self._session(tenant, session_id)
         count = None if limit is None else offset + limit
-        async with self._redis_errors():
+        async with redis_errors():
             entries = await self.client.xrange(keys.archive if archived else keys.log, count=count) or []
         return [_parse_entry(e) for e in entries[offset:]]
 
     async def delete_archive(self, tenant: str, session_id: str) -> None:
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             await self.client.delete(keys.archive)
 
     async def last_messages(self, tenant: str, session_id: str, count: int) -> list[StoredMessage]:
         """The newest ``count`` messages, oldest first, whatever their tokens."""
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             entries = await self.client.xrevrange(keys.log, count=count) or []
         return [_parse_entry(e) for e in reversed(entries)]
 
     async def count_messages(self, tenant: str, session_id: str, *, archived: bool = False) -> int:
         keys = self._session(tenant, session_id)
-        async with self._redis_errors():
+        async with redis_errors():
             return int(await self.client.xlen(keys.archive if archived else keys.log))
 
     async def messages(
@@ -637,7 +714,7 @@ class HistoryStore:
         if not 1 <= limit <= 1000:
             raise InvalidMessage("limit must be between 1 and 1000")
         start = "-" if cursor is None else "(" + _decode_stream_cursor(cursor)
-        async with self._redis_errors():
+        async with redis_errors():
             entries = await self.client.xrange(keys.log, min=start, max="+", count=limit + 1) or []
         page = [_parse_entry(e) for e in entries[:limit]]
         next_cursor = _encode_cursor(page[-1].id) if len(entries) > limit else None
@@ -655,13 +732,13 @@ class HistoryStore:
         if not 1 <= limit <= 1000:
             raise InvalidMessage("limit must be between 1 and 1000")
         start = "-" if cursor is None else "(" + _decode_cursor(cursor, SESSION_ID_PATTERN)
-        async with self._redis_errors():
+        async with redis_errors():
             members = await self.client.zrange(index, start, "+", bylex=True, offset=0, num=limit + 1)
         ids = [_text(m) for m in members]
         page_ids = ids[:limit]
         # An index entry that is not a valid id has no keys: skip it (the purge removes it with the index).
         valid = [self.keys.session(tenant, s) for s in page_ids if SESSION_ID_PATTERN.fullmatch(s)]
-        async with self._redis_errors():
+        async with redis_errors():
             async with self.client.pipeline(transaction=False) as pipe:
                 for keys in valid:
                     pipe.xlen(keys.log)
@@ -709,7 +786,7 @@ class HistoryStore:
 
     async def count_sessions(self, tenant: str) -> int:
         """Sessions in the tenant's index (may include some that expired and were not pruned yet)."""
-        async with self._redis_errors():
+        async with redis_errors():
             return int(await self.client.zcard(self.keys.session_index(validate_tenant(tenant))))
 
     async def purge_tenant(self, tenant: str, *, batch: int = 100) -> int:
@@ -727,7 +804,7 @@ class HistoryStore:
             found = 0
             cursor: int = 0
             while True:
-                async with self._redis_errors():
+                async with redis_errors():
                     cursor, names = await self.client.scan(cursor, match=pattern, count=batch)
                     if names:
                         await self.client.delete(*names)

@@ -118,6 +118,11 @@ class _BackgroundLoop:
 _background = _BackgroundLoop()
 
 
+def background_loop() -> asyncio.AbstractEventLoop:
+    """The loop of Engram's background thread (sync calls, and work no caller waits for)."""
+    return _background.loop()
+
+
 class StoreRuntime:
     """Hands out the right :class:`HistoryStore` for the calling loop, and runs sync calls."""
 
@@ -213,9 +218,9 @@ class Reconnecting:
         BaseModel.__setstate__(self, state)  # type: ignore[arg-type]
 
 
-class ChatStoreFields(Reconnecting, BaseModel):
-    """What the two chat-store adapters share: where the sessions are, whose they are, how long they live.
-    Each adapter declares its own ``max_messages`` (its default differs)."""
+class StoreFields(Reconnecting, BaseModel):
+    """What every adapter on a session's Redis keys shares (the chat stores and the durable memory blocks):
+    where the sessions are, whose they are, how long they live."""
 
     redis_url: str = Field(description="Redis URL the store (re)connects to")
     namespace: str = Field(default="engram", description="Engram key namespace")
@@ -226,7 +231,6 @@ class ChatStoreFields(Reconnecting, BaseModel):
         le=SESSION_TTL_SECONDS.maximum,
         description="seconds an idle session lives; 0 = forever",
     )
-    max_messages: int
 
     _runtime: StoreRuntime | None = PrivateAttr(default=None)
 
@@ -238,6 +242,12 @@ class ChatStoreFields(Reconnecting, BaseModel):
     @classmethod
     def from_url(cls, url: str, **data: Any) -> Self:
         return cls(redis_url=url, **data)
+
+
+class ChatStoreFields(StoreFields):
+    """What the two chat-store adapters share. Each declares its own ``max_messages`` (its default differs)."""
+
+    max_messages: int
 
     @property
     def policy(self) -> Policy:

@@ -9,6 +9,8 @@ session ids as :mod:`engram.llama_index.keys` describes. Serializable: a copy re
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.storage.chat_store.base_db import AsyncDBChatStore, MessageStatus
@@ -19,6 +21,12 @@ from engram.llama_index.chat_store import keys_of
 from engram.llama_index.convert import to_chat_message, to_new_message
 from engram.llama_index.keys import label_for, session_id_for
 from engram.policy import MAX_MESSAGES_PER_SESSION
+
+ARCHIVED: ContextVar[list[list[ChatMessage]] | None] = ContextVar("engram_archived", default=None)
+"""While a ``DurableMemory`` (:mod:`engram.llama_index.blocks`) flushes its window: each batch of messages
+``archive_oldest_messages`` really archived, in order. LlamaIndex's ``Memory`` hands its blocks the messages
+it read before archiving, which another replica may have archived already, while the ones this call
+archived would reach no block."""
 
 
 class EngramDBChatStore(ChatStoreFields, AsyncDBChatStore):
@@ -108,9 +116,13 @@ class EngramDBChatStore(ChatStoreFields, AsyncDBChatStore):
         ]
 
     async def archive_oldest_messages(self, key: str, n: int) -> list[ChatMessage]:
-        return [
+        archived = [
             to_chat_message(m) for m in await self._store.take_oldest(self.tenant, session_id_for(key), n, archive=True)
         ]
+        batches = ARCHIVED.get()
+        if batches is not None:
+            batches.append(archived)
+        return archived
 
     async def get_keys(self) -> list[str]:
         return keys_of(await self._store.all_sessions(self.tenant))

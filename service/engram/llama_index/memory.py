@@ -24,6 +24,15 @@ by the store's tokenizer: tiktoken ``cl100k_base``, ``ChatMemoryBuffer``'s defau
 the per-message counts, where ``ChatMemoryBuffer`` counts the contents joined by spaces (the same for
 whitespace tokenizers, within a token per message for BPE ones).
 
+Rolling summary (``summarize=True``): the window's budget is ``token_limit`` less the summary's share
+(``summary_max_tokens``, at most half), the same load returns the session's summary, and ``get()`` opens
+with it as a system message (its tokens count against the limit). What falls out of the window is folded
+in by ``summary_llm`` (any LlamaIndex LLM; without one, Engram's deterministic echo extract): after a
+commit whose load found a batch (``summary_batch``) out of the window, on Engram's background loop
+thread, never on the caller's path (``summarizing`` is the future of that run); or now, with
+``asummarize()`` / ``summarize_now()``. Replicas and memories racing on one session are kept apart by
+compare-and-set in Redis (see :mod:`engram.history.summary`).
+
 Keys: ``session_id`` (or ``chat_store_key``) is any non-empty string (see :mod:`engram.llama_index.keys`).
 Serializable: ``to_dict``/``from_dict``/``model_validate``/pickle; a copy reconnects by ``redis_url``.
 Build one memory per request (they are cheap); share the :class:`HistoryStore` (and its cache).
@@ -31,20 +40,34 @@ Build one memory per request (they are cheap); share the :class:`HistoryStore` (
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import logging
 import pickle
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.llm import LLM
 from llama_index.core.memory.types import DEFAULT_CHAT_STORE_KEY, BaseMemory
 from llama_index.core.storage.chat_store.base import BaseChatStore
 from llama_index.core.utils import get_tokenizer
 
+from engram.echo import echo_summary
 from engram.history.store import HistoryStore
-from engram.llama_index._runtime import Operation, Reconnecting, StoreRuntime
+from engram.history.summary import (
+    DEFAULT_SUMMARY_BATCH,
+    DEFAULT_SUMMARY_MAX_TOKENS,
+    Advance,
+    Summarize,
+    SummaryBudget,
+    advance_summary,
+    summary_prompt_text,
+)
+from engram.llama_index._runtime import Operation, Reconnecting, StoreRuntime, background_loop
 from engram.llama_index.chat_store import RedisChatStore
 from engram.llama_index.convert import to_chat_message, to_new_message
 from engram.llama_index.keys import label_for, session_id_for
@@ -55,6 +78,39 @@ _ANSWER_ROLES = frozenset({"assistant", "model", "chatbot"})
 # ChatMemoryBuffer's rule: a window (shorter than the whole history) opens with neither of these.
 _NOT_OPENING_ROLES = frozenset({"assistant", "tool"})
 DEFAULT_TOKEN_LIMIT_RATIO = 0.75  # ChatMemoryBuffer's share of the LLM's context window
+SUMMARIZE_PROMPT = (
+    "You keep a running summary of a conversation between a user and an assistant. Fold the new messages "
+    "into the summary: keep facts, names, decisions, open questions and the user's preferences; drop "
+    "pleasantries. Answer with the updated summary only, in at most {max_tokens} tokens."
+)
+log = logging.getLogger("engram.llama_index")
+# Sessions whose summary a memory of this process is advancing in the background (one run each).
+_summarizing: set[tuple[str, str, str]] = set()
+_summarizing_lock = threading.Lock()
+
+
+def llm_summarizer(llm: LLM) -> Summarize:
+    """A summarizer asking ``llm`` to fold new messages into the summary."""
+
+    async def summarize(previous: str, messages: Sequence[StoredMessage], max_tokens: int) -> str:
+        new = "\n".join(f"{m.role}: {m.content}" for m in messages)
+        prompt = [
+            ChatMessage(role=MessageRole.SYSTEM, content=SUMMARIZE_PROMPT.format(max_tokens=max_tokens)),
+            ChatMessage(
+                role=MessageRole.USER, content=f"Summary so far:\n{previous or '(none)'}\n\nNew messages:\n{new}"
+            ),
+        ]
+        response = await llm.achat(prompt)
+        return (response.message.content or "").strip()
+
+    return summarize
+
+
+async def echo_summarizer(previous: str, messages: Sequence[StoredMessage], max_tokens: int) -> str:
+    """Engram's deterministic extract (no model): which messages are covered, by id."""
+    from engram.tokens import default_tokenizer
+
+    return echo_summary(previous, messages, max_tokens, default_tokenizer())
 
 
 def buffer_window(
@@ -102,6 +158,16 @@ class EngramMemory(Reconnecting, BaseMemory):
     tokenizer_fn: Callable[[str], list[Any]] = Field(
         default_factory=get_tokenizer, exclude=True, description="counts the tokens of what this memory writes"
     )
+    summarize: bool = Field(default=False, description="keep a rolling summary of what falls out of the window")
+    summary_max_tokens: int = Field(
+        default=DEFAULT_SUMMARY_MAX_TOKENS, ge=16, description="the summary's share of token_limit (at most half)"
+    )
+    summary_batch: int = Field(
+        default=DEFAULT_SUMMARY_BATCH, ge=1, description="messages out of the window that start a summarizer"
+    )
+    summary_llm: LLM | None = Field(
+        default=None, exclude=True, description="summarizes (None: Engram's deterministic extract)"
+    )
 
     _runtime: StoreRuntime | None = PrivateAttr(default=None)
     _policy: Policy = PrivateAttr(default_factory=Policy)
@@ -109,6 +175,7 @@ class EngramMemory(Reconnecting, BaseMemory):
     # put() but not yet committed: each message with its prepared form (validated, tokens counted once)
     _pending: list[tuple[ChatMessage, NewMessage]] = PrivateAttr(default_factory=list)
     _committed: CommittedTurn | None = PrivateAttr(default=None)
+    _summarizing: concurrent.futures.Future[Advance] | None = PrivateAttr(default=None)
 
     def __init__(self, *, store: HistoryStore | None = None, policy: Policy | None = None, **data: Any) -> None:
         if policy is not None:  # the policy's fields, so that to_dict/from_dict keep them too
@@ -208,10 +275,70 @@ class EngramMemory(Reconnecting, BaseMemory):
     # --- operations: each defined once, run on the caller's loop (a-methods) or the sync bridge ---------
     def _load(self) -> Operation[Window]:
         async def operation(store: HistoryStore) -> Window:
-            self._window = await store.load_window(self.tenant, self._session, self.token_limit, turn_id=self.turn_id)
+            if self.summarize:
+                self._window = await store.load_window(
+                    self.tenant,
+                    self._session,
+                    self._summary_budget.window_tokens,
+                    turn_id=self.turn_id,
+                    summary_batch=self.summary_batch,
+                )
+            else:
+                self._window = await store.load_window(
+                    self.tenant, self._session, self.token_limit, turn_id=self.turn_id
+                )
             return self._window
 
         return operation
+
+    # --- rolling summary ----------------------------------------------------------------------------
+    @property
+    def _summary_budget(self) -> SummaryBudget:
+        return SummaryBudget.of(self.token_limit, self.summary_max_tokens)
+
+    def _summarizer(self) -> Summarize:
+        return llm_summarizer(self.summary_llm) if self.summary_llm is not None else echo_summarizer
+
+    def _advance(self, before: str | None) -> Operation[Advance]:
+        summarize, budget = self._summarizer(), self._summary_budget
+        return lambda store: advance_summary(store, self.tenant, self._session, summarize, budget, before=before)
+
+    async def asummarize(self) -> Advance:
+        """Fold everything that has fallen out of the window into the summary now (on the caller's loop)."""
+        return await self.runtime.call(self._advance(None))
+
+    def summarize_now(self) -> Advance:
+        return self.runtime.call_sync(self._advance(None))
+
+    @property
+    def summarizing(self) -> concurrent.futures.Future[Advance] | None:
+        """The background summary run this memory started last (None if none): ``.result()`` waits for it."""
+        return self._summarizing
+
+    def _summarize_in_background(self, window: Window | None) -> None:
+        """After a commit: when its load found a batch out of the window, advance the summary on Engram's
+        background loop (one run per session per process); the caller does not wait."""
+        summary = window.summary if window is not None else None
+        if window is None or summary is None or not summary.due or not window.messages:
+            return
+        key = (self.runtime.home.keys.namespace, self.tenant, self._session)
+        with _summarizing_lock:
+            if key in _summarizing:
+                return
+            _summarizing.add(key)
+        operation, runtime = self._advance(window.messages[0].id), self.runtime
+
+        async def run() -> Advance:
+            try:
+                return await runtime.call(operation)
+            except Exception as error:  # never reaches the caller: logged; a later commit retries
+                log.warning("rolling summary of %s failed: %s: %s", key[2], type(error).__name__, error)
+                return Advance("nothing")
+            finally:
+                with _summarizing_lock:
+                    _summarizing.discard(key)
+
+        self._summarizing = asyncio.run_coroutine_threadsafe(run(), background_loop())
 
     def _newest(self) -> Operation[list[StoredMessage]]:
         return lambda store: store.last_messages(self.tenant, self._session, 1)
@@ -230,6 +357,8 @@ class EngramMemory(Reconnecting, BaseMemory):
             )
             # only now: a commit that failed keeps its messages held and its turn id for the retry
             self._pending = []
+            if self.summarize:
+                self._summarize_in_background(self._window)
             self._window = None  # the next get loads again (a hit or delta, from the cache)
             self.turn_id = None
 
@@ -267,7 +396,14 @@ class EngramMemory(Reconnecting, BaseMemory):
         messages = [to_chat_message(m) for m in stored] + [chat for chat, _ in self._pending]
         tokens = [m.tokens for m in stored] + [new.tokens or 0 for _, new in self._pending]
         whole = window.reaches_start and not newest
-        return buffer_window(messages, tokens, self.token_limit - initial_token_count, whole)
+        summary = summary_prompt_text(window.summary) if window.summary is not None else ""
+        if not summary:
+            return buffer_window(messages, tokens, self.token_limit - initial_token_count, whole)
+        # the summary opens the window and its tokens count against the limit
+        summary_tokens = len(self.tokenizer_fn(summary))
+        budget = max(0, self.token_limit - initial_token_count - summary_tokens)
+        opening = ChatMessage(role=MessageRole.SYSTEM, content=summary)
+        return [opening, *buffer_window(messages, tokens, budget, whole)]
 
     async def aget(self, input: str | None = None, **kwargs: Any) -> list[ChatMessage]:
         window = self._window if self._window is not None else await self.aload()
@@ -340,7 +476,7 @@ class EngramMemory(Reconnecting, BaseMemory):
         return cls.model_validate_json(json_str)
 
     def _unpicklable(self) -> dict[str, Any]:
-        return {"_runtime": None, "_window": None}
+        return {"_runtime": None, "_window": None, "_summarizing": None}
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -349,6 +485,10 @@ class EngramMemory(Reconnecting, BaseMemory):
         except Exception:  # a lambda, a closure: the copy counts with the store's tokenizer instead
             state["__dict__"].pop("tokenizer_fn", None)
             state["__pydantic_fields_set__"] = state["__pydantic_fields_set__"] - {"tokenizer_fn"}
+        try:
+            pickle.dumps(self.summary_llm)
+        except Exception:  # an LLM holding a client: the copy summarizes with the extract until given one
+            state["__dict__"]["summary_llm"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -31,6 +31,7 @@ from engram.server.config import check_llm_settings
 from engram.server.deps import Resources
 from engram.server.model import build_model
 from engram.server.routes import chat, openai, ops, sessions, web
+from engram.server.summaries import BackgroundSummaries
 from engram.settings import Settings, get_settings
 
 log = logging.getLogger("engram.server")
@@ -154,8 +155,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("Redis is unreachable at start-up (%s); /readyz fails until it answers", error)
     except RedisError as error:  # e.g. a user not allowed to FUNCTION LOAD: the library must be loaded for it
         log.warning("could not load Engram's Redis functions (%s); expecting them to be loaded already", error)
+    model = build_model(settings)
+    summaries = None
+    if settings.memory != "off":  # summary mode may be the default or a tenant's choice (its policy's memory)
+        summaries = BackgroundSummaries(
+            store,
+            model,
+            max_tokens=settings.summary_max_tokens,
+            batch=settings.summary_batch,
+            concurrency=settings.summary_concurrency,
+        )
     app.state.resources = Resources(
-        settings=settings, redis=redis, store=store, model=build_model(settings), auth=auth, served_by=served_by()
+        settings=settings,
+        redis=redis,
+        store=store,
+        model=model,
+        auth=auth,
+        served_by=served_by(),
+        summaries=summaries,
     )
     log.info(
         "engram %s serving as %s (redis %s, model %s, auth %s, memory %s)",
@@ -171,6 +188,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if summaries is not None:
+            await summaries.aclose()
         await app.state.resources.model.aclose()
         await redis.aclose()
 

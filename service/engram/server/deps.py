@@ -17,6 +17,7 @@ from engram.policy import Tenant
 from engram.server import metrics
 from engram.server.auth import Authenticator
 from engram.server.model import ChatModel
+from engram.server.summaries import BackgroundSummaries, SummaryMemory
 from engram.server.turn import NullMemory, SessionMemory, TurnContext, TurnMemory
 from engram.settings import Settings
 
@@ -31,6 +32,7 @@ class Resources:
     model: ChatModel
     auth: Authenticator
     served_by: str
+    summaries: BackgroundSummaries | None = None  # unless ENGRAM_MEMORY=off
 
 
 async def get_resources(request: Request) -> Resources:
@@ -76,7 +78,12 @@ MeteredTenantDep = Annotated[Tenant, Depends(get_metered_tenant)]
 
 
 async def get_turn_context(resources: ResourcesDep, tenant: TenantDep) -> TurnContext:
-    memory: TurnMemory = SessionMemory(resources.store, tenant) if resources.settings.memory == "on" else NullMemory()
+    memory: TurnMemory = NullMemory()
+    if resources.settings.memory != "off":
+        mode = tenant.policy.memory or ("summary" if resources.settings.memory == "summary" else "window")
+        memory = SessionMemory(resources.store, tenant)
+        if mode == "summary" and resources.summaries is not None:
+            memory = SummaryMemory(resources.store, tenant, resources.summaries)
     return TurnContext(
         store=resources.store, memory=memory, model=resources.model, tenant=tenant, served_by=resources.served_by
     )

@@ -51,7 +51,9 @@ TURN_OUTCOMES = (
 QUOTA_REASONS = ("rate_limited", "session_quota_exceeded", "storage_quota_exceeded")
 USAGE_TENANTS_REPORTED = 200
 MODEL_OUTCOMES = ("ok", "error")
-REDIS_OPERATIONS = ("load", "commit", "sessions", "messages", "delete", "auth", "ready", "export", "erase")
+REDIS_OPERATIONS = ("load", "commit", "sessions", "messages", "delete", "auth", "ready", "summary", "export", "erase")
+# A background summary advance (engram.server.summaries): what it did, or why it did not run.
+SUMMARY_OUTCOMES = ("advanced", "nothing", "conflict", "gone", "error", "skipped")
 TURN_STEPS = ("load", "model", "commit")
 
 # Fast paths are sub-millisecond (a cached Redis load); model calls take seconds.
@@ -130,6 +132,15 @@ HTTP_SECONDS = Histogram(
 )
 
 
+SUMMARY_RUNS = Counter(
+    "engram_summary_runs_total", "Background rolling-summary advances by outcome (ENGRAM_MEMORY=summary).", ["outcome"]
+)
+SUMMARY_MESSAGES = Counter("engram_summary_messages_total", "Messages folded into rolling summaries.")
+SUMMARY_SECONDS = Histogram(
+    "engram_summary_seconds", "Duration of a background summary advance (model calls included).", buckets=SLOW_BUCKETS
+)
+
+
 def initialise() -> None:
     """Create every bounded label set at zero, so dashboards and rate() see the series from the start."""
     for cache in CACHE_OUTCOMES:
@@ -146,6 +157,8 @@ def initialise() -> None:
         REDIS_ERRORS.labels(operation)
     for reason in QUOTA_REASONS:
         QUOTA_REJECTIONS.labels(reason)
+    for summary in SUMMARY_OUTCOMES:
+        SUMMARY_RUNS.labels(summary)
 
 
 def render() -> tuple[bytes, str]:
@@ -199,6 +212,14 @@ def observe_model(outcome: str, seconds: float) -> None:
     """The model's answer, from the request to its last piece (or its failure)."""
     STEP_SECONDS.labels("model").observe(seconds)
     MODEL_SECONDS.labels(outcome).observe(seconds)
+
+
+def observe_summary(outcome: str, messages: int = 0, seconds: float | None = None) -> None:
+    SUMMARY_RUNS.labels(outcome).inc()
+    if messages:
+        SUMMARY_MESSAGES.inc(messages)
+    if seconds is not None:
+        SUMMARY_SECONDS.observe(seconds)
 
 
 @contextmanager

@@ -16,7 +16,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engram.echo import Message, echo_pieces, echo_reply
+from engram.echo import Message, echo_pieces, echo_reply, echo_summary
+from engram.messages import StoredMessage
 from engram.server.config import check_llm_settings
 from engram.settings import Settings
 
@@ -52,9 +53,21 @@ class ChatModel(Protocol):
         """The reply to ``messages``, piece by piece (pieces may be empty)."""
         ...
 
+    async def summarize(self, previous: str, messages: Sequence[StoredMessage], max_tokens: int) -> str:
+        """``previous`` (the rolling summary) with ``messages`` folded in, in at most ``max_tokens``
+        (off the hot path: see engram.history.summary)."""
+        ...
+
     async def aclose(self) -> None:
         """Release the model's connections (at shutdown)."""
         ...
+
+
+SUMMARIZE_INSTRUCTIONS = (
+    "You keep a running summary of a conversation between a user and an assistant. Fold the new messages "
+    "into the summary: keep facts, names, decisions, open questions and the user's preferences; drop "
+    "pleasantries. Answer with the updated summary only, in at most {max_tokens} tokens."
+)
 
 
 class EchoModel:
@@ -70,6 +83,12 @@ class EchoModel:
     ) -> AsyncGenerator[str, None]:
         for piece in echo_pieces(echo_reply(messages, self.max_reply_bytes)):
             yield piece
+
+    async def summarize(self, previous: str, messages: Sequence[StoredMessage], max_tokens: int) -> str:
+        """A deterministic extract (see :func:`engram.echo.echo_summary`): which messages, by id."""
+        from engram.tokens import default_tokenizer
+
+        return echo_summary(previous, messages, max_tokens, default_tokenizer())
 
     async def aclose(self) -> None:
         return None
@@ -113,6 +132,17 @@ class OpenAICompatibleModel:
                     yield chunk.choices[0].delta.content
         finally:
             await response.close()  # also when the turn stops reading: the upstream request ends here
+
+    async def summarize(self, previous: str, messages: Sequence[StoredMessage], max_tokens: int) -> str:
+        new = "\n".join(f"{m.role}: {m.content}" for m in messages)
+        payload: Any = [
+            {"role": "system", "content": SUMMARIZE_INSTRUCTIONS.format(max_tokens=max_tokens)},
+            {"role": "user", "content": f"Summary so far:\n{previous or '(none)'}\n\nNew messages:\n{new}"},
+        ]
+        response = await self._client.chat.completions.create(
+            model=self.name, messages=payload, stream=False, max_tokens=max_tokens
+        )
+        return (response.choices[0].message.content or "").strip() if response.choices else ""
 
     async def aclose(self) -> None:
         await self._client.close()

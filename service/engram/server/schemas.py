@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from engram.export import iso_time
-from engram.messages import SessionInfo, StoredMessage
+from engram.messages import SessionInfo, SessionSummary, StoredMessage
 from engram.server.turn import TurnResult
 
 
@@ -118,6 +118,16 @@ class SubjectErased(BaseModel):
 class MessageList(BaseModel):
     messages: list[MessageOut]
     next: str | None
+
+
+class SummaryOut(BaseModel):
+    text: str = Field(description="the rolling summary of the messages that fell out of the window ('' if none)")
+    covers_through: str | None = Field(description="id of the newest message the summary covers; null if none")
+    messages_covered: int = Field(description="how many messages the summary covers")
+
+    @classmethod
+    def of(cls, summary: SessionSummary) -> SummaryOut:
+        return cls(text=summary.text, covers_through=summary.covers_through, messages_covered=summary.messages_covered)
 
 
 class ErrorDetail(BaseModel):

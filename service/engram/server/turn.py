@@ -44,6 +44,7 @@ from engram.errors import (
 )
 from engram.history.cache import drop_unanswerable_start, fit_budget
 from engram.history.store import HistoryStore, validate_turn_id
+from engram.history.summary import summary_prompt_text
 from engram.messages import CommittedTurn, HistoryOutcome, NewMessage, StoredMessage, Window, stream_id_key
 from engram.policy import Tenant
 from engram.redis_keys import validate_session_id, validate_subject_id
@@ -182,15 +183,22 @@ class Prompt:
 
 
 def prompt(ctx: TurnContext, window: Window, turn: ValidTurn) -> Prompt:
-    """What the model is given: the request's prefix, the newest history that fits beside the new
-    message (the prefix is the client's own choice: it does not shrink the history), the message."""
-    budget = ctx.tenant.policy.token_limit - (turn.user.tokens or 0)
+    """What the model is given: the request's prefix, the rolling summary (summary mode; its tokens count
+    against the limit), the newest history that fits beside the new message (the prefix is the client's
+    own choice: it does not shrink the history), the message."""
+    summary_text = summary_prompt_text(window.summary) if window.summary is not None else ""
+    summary: list[Message] = [PromptMessage("system", summary_text)] if summary_text else []
+    summary_tokens = window.summary.tokens + _SUMMARY_PREFIX_TOKENS if window.summary and summary_text else 0
+    budget = ctx.tenant.policy.token_limit - (turn.user.tokens or 0) - summary_tokens
     history, history_tokens = window.messages, window.tokens
     if history_tokens > budget:  # the window fits the limit; with the new message it may not (O(window) only then)
         history = drop_unanswerable_start(fit_budget(history, budget))
         history_tokens = sum(m.tokens for m in history)
-    messages: list[Message] = [*turn.prefix, *history, PromptMessage("user", turn.user.content)]
-    return Prompt(messages, turn.prefix_tokens + history_tokens + (turn.user.tokens or 0))
+    messages: list[Message] = [*turn.prefix, *summary, *history, PromptMessage("user", turn.user.content)]
+    return Prompt(messages, turn.prefix_tokens + summary_tokens + history_tokens + (turn.user.tokens or 0))
+
+
+_SUMMARY_PREFIX_TOKENS = 8  # the summary message's opening line (SUMMARY_PREFIX) and its line break
 
 
 async def start_model(ctx: TurnContext, prompt: Prompt, turn: ValidTurn) -> ModelStream:

@@ -51,6 +51,30 @@ OPERATOR_COMMANDS: tuple[str, ...] = (
 )
 
 
+# Redis describes a user's commands with categories where it can: a rule naming every command of a category
+# comes back from ACL GETUSER as ``+@category`` (and ``+@category -command`` when one is missing). The
+# categories an allow-list may cover whole, with their commands (``ACL CAT <category>``, the same since Redis 6):
+CATEGORY_COMMANDS: dict[str, frozenset[str]] = {
+    "transaction": frozenset({"watch", "unwatch", "multi", "exec", "discard"}),
+}
+
+
+def allowed_commands(rules: Sequence[str]) -> set[str] | None:
+    """The commands ACL command rules (``-@all +get +@transaction -discard ...``) allow, or None if they use a
+    category not in :data:`CATEGORY_COMMANDS` (so they cannot be compared to an allow-list)."""
+    allowed: set[str] = set()
+    for rule in rules:
+        sign, name = rule[:1], rule[1:]
+        if name == "@all" and sign == "-":
+            allowed.clear()
+            continue
+        members = CATEGORY_COMMANDS.get(name[1:]) if name.startswith("@") else frozenset({name})
+        if members is None or sign not in ("+", "-"):
+            return None
+        allowed = allowed | members if sign == "+" else allowed - members
+    return allowed
+
+
 def acl_username(keys: KeySpace, tenant: str) -> str:
     """``<namespace>.<tenant>``: '.' is in neither part, so two (namespace, tenant) pairs never collide."""
     return f"{keys.namespace}.{validate_tenant(tenant)}"
@@ -85,7 +109,8 @@ class AclRule:
             and _words(current.get("passwords")) == [self.password_sha256]
             and set(_words(current.get("keys"))) == {f"~{p}" for p in self.key_patterns}
             and not _words(current.get("channels"))
-            and set(_words(current.get("commands"))) == {"-@all", *(f"+{c}" for c in self.commands)}
+            and _words(current.get("commands"))[:1] == ["-@all"]
+            and allowed_commands(_words(current.get("commands"))) == set(self.commands)
             and not current.get("selectors")
         )
 

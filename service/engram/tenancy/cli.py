@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from engram.errors import EngramError, StoreUnavailable
-from engram.export import end_line, message_line
+from engram.export import MESSAGE_LINE, session_lines
 from engram.history.store import HistoryStore
-from engram.policy import POLICY_FIELDS, RETENTION, Policy, PolicyField
+from engram.policy import MEMORY_MODE, POLICY_FIELDS, RETENTION, Policy, PolicyField
 from engram.redis_keys import KeySpace
 from engram.settings import Settings, get_settings
 from engram.tenancy.apikeys import generate_api_key, hash_secret
@@ -111,6 +111,14 @@ def add_parser(subparsers: Any) -> None:
         default=RETENTION.default,
         help="recorded for reference; `delete --purge` decides what is deleted",
     )
+    for parser in (create, update):
+        parser.add_argument(
+            MEMORY_MODE.cli_flag,
+            dest=MEMORY_MODE.name,
+            choices=MEMORY_MODE.choices,
+            default=None,
+            help=MEMORY_MODE.description,
+        )
     create.add_argument(
         "--redis-password-file",
         type=Path,
@@ -170,7 +178,8 @@ async def _create(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, s
         **{
             f.name: getattr(settings, f.name) if getattr(args, f.name) is None else getattr(args, f.name)
             for f in POLICY_FIELDS
-        }
+        },
+        memory=getattr(args, MEMORY_MODE.name),
     )
     spec = TenantSpec(args.name, policy, args.retention)
     existing = await current_record(nodes, keys, spec.tenant)
@@ -212,7 +221,8 @@ async def _update(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, s
         # The operator would put its MemoryNamespace's policy back at its next repair.
         _say(f"tenant {args.name} is managed by {existing.owner}: change that resource, or pass --force")
         return EXIT_REFUSED
-    changes = {f.name: getattr(args, f.name) for f in POLICY_FIELDS if getattr(args, f.name) is not None}
+    names = [f.name for f in POLICY_FIELDS] + [MEMORY_MODE.name]
+    changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     policy = dataclasses.replace(existing.policy, **changes)
     spec = TenantSpec(existing.tenant, policy, existing.retention)
     record = desired_record(
@@ -305,12 +315,10 @@ async def _export(args: argparse.Namespace, nodes: RedisNodes, keys: KeySpace, s
     while True:
         page = await store.list_sessions(args.name, limit=200, cursor=cursor)
         for info in page.sessions:
-            count = 0
-            async for item in store.export(args.name, info.session_id):
-                out.write(message_line(info.session_id, item))
-                count += 1
-            out.write(end_line(info.session_id, count))
-            sessions, messages = sessions + 1, messages + count
+            async for line in session_lines(store, args.name, info.session_id):
+                out.write(line)
+                messages += line.startswith(MESSAGE_LINE)
+            sessions += 1
         if page.next_cursor is None:
             break
         cursor = page.next_cursor

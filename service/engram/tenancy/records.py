@@ -7,6 +7,7 @@ Fields (all strings, as Redis stores them)::
     session_ttl_seconds         604800      a record outside them does not parse (InvalidRecord)
     max_messages_per_session    10000
     retention                   Delete | Retain   what happens to the data when the tenant is deleted
+    memory                      window | summary | '' (unset: the service's ENGRAM_MEMORY); optional
     api_key_sha256              hex SHA-256 of the tenant's API key
     redis_username              the tenant's Redis ACL user
     password_sha256             hex SHA-256 of that user's password (what ``ACL SETUSER ... #<hash>`` takes)
@@ -24,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 
 from engram.errors import InvalidPolicy
-from engram.policy import POLICY_FIELDS, QUOTA_FIELDS, RETENTION, Policy, Retention
+from engram.policy import MEMORY_MODE, POLICY_FIELDS, QUOTA_FIELDS, RETENTION, Policy, Retention
 from engram.redis_keys import validate_tenant
 
 CLI_OWNER = "cli"
@@ -71,6 +72,7 @@ class TenantRecord:
             "redis_username": self.redis_username,
             "password_sha256": self.password_sha256,
             "owner": self.owner,
+            MEMORY_MODE.name: self.policy.memory or "",
         }
 
     @classmethod
@@ -104,7 +106,7 @@ class TenantRecord:
             values[policy_field.name] = bounded
         try:
             retention = RETENTION.parse(raw["retention"])
-            policy = Policy(**values)
+            policy = Policy(**values, memory=MEMORY_MODE.parse(raw.get(MEMORY_MODE.name)))
         except InvalidPolicy as error:
             raise InvalidRecord(f"tenant record has {error}") from None
         try:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import StreamingResponse
 
 from engram.errors import EngramError, NotFound
-from engram.export import end_line, error_line, message_line
+from engram.export import error_line, session_lines
 from engram.history.store import HistoryStore
 from engram.redis_keys import validate_session_id, validate_subject_id
 from engram.server import metrics
@@ -24,7 +24,9 @@ from engram.server.schemas import (
     SessionList,
     SessionOut,
     SubjectErased,
+    SummaryOut,
 )
+from engram.server.summaries import session_summary
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES)
 
@@ -61,6 +63,20 @@ async def list_messages(
     return MessageList(messages=[MessageOut.of(m) for m in page.messages], next=page.next_cursor)
 
 
+@router.get(
+    "/{session_id}/summary",
+    response_model=SummaryOut,
+    responses={404: {"model": ErrorBody, "description": "no such session"}},
+)
+async def get_summary(session_id: SessionId, store: StoreDep, tenant: MeteredTenantDep) -> SummaryOut:
+    """The session's rolling summary (ENGRAM_MEMORY=summary): what fell out of the window, folded."""
+    with metrics.redis_operation("summary"):
+        summary = await session_summary(store, tenant.name, validate_session_id(session_id))
+    if summary is None:
+        raise NotFound(f"no session {session_id!r}")
+    return SummaryOut.of(summary)
+
+
 @router.delete(
     "/{session_id}", status_code=204, responses={404: {"model": ErrorBody, "description": "no such session"}}
 )
@@ -77,17 +93,13 @@ JSON_LINES = "application/x-ndjson"
 
 
 async def export_lines(store: HistoryStore, tenant: str, session_id: str) -> AsyncIterator[bytes]:
-    """The session as JSON Lines (:mod:`engram.export`), read page by page: constant memory at any length.
-    A failure after the first line ends the stream with an ``error`` line (the status is already sent)."""
-    sent = 0
+    """The session as JSON Lines (:mod:`engram.export`). A failure after the first line ends the stream with
+    an ``error`` line (the status is already sent)."""
     try:
-        async for item in store.export(tenant, session_id):
-            yield message_line(session_id, item)
-            sent += 1
+        async for line in session_lines(store, tenant, session_id):
+            yield line
     except EngramError as error:
         yield error_line(session_id, error_content(error)[1]["error"])
-        return
-    yield end_line(session_id, sent)
 
 
 @router.get(
