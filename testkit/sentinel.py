@@ -8,6 +8,7 @@ Readiness and failovers are polled with deadlines, never slept for.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -101,8 +102,6 @@ class Node:
     def kill(self) -> None:
         """SIGKILL the process group, as a crash would; reaped."""
         if self.process is not None and self.process.poll() is None:
-            import os
-
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
 
