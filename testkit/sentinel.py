@@ -71,10 +71,14 @@ class Node:
     def client(self, **kwargs: object) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2, socket_connect_timeout=1, decode_responses=True, **kwargs)  # type: ignore[arg-type]
 
-    def spawn(self) -> Node:
+    def spawn(self, *extra_args: str) -> Node:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            self.args, cwd=self.directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            [*self.args, *extra_args],
+            cwd=self.directory,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         return self
 
@@ -230,6 +234,16 @@ class SentinelTopology:
                 seen[int(host_port[1])] = seen.get(int(host_port[1]), 0) + 1
         agreed = [port for port, votes in seen.items() if votes >= self.quorum]
         return agreed[0] if agreed else None
+
+    def restart_as_replica(self, node: Node) -> Node:
+        """Start a stopped node again the way a start script should: as a replica of the primary the
+        Sentinels name now (its own arguments may still say it follows the old primary: the last
+        --replicaof wins). Left to itself, a returning old primary is converted by the Sentinels too, but
+        only after their 10 s INFO period plus 8 s of reporting the master role: up to about 30 s."""
+        port = self.primary_port()
+        if port is None:
+            raise RuntimeError("the Sentinels do not agree on a primary")
+        return node.spawn("--replicaof", "127.0.0.1", str(port)).wait_ready()
 
     def node_on(self, port: int) -> Node:
         return next(node for node in self.nodes if node.port == port)

@@ -201,3 +201,14 @@ def redis_description(settings: Settings) -> str:
         sentinels = ",".join(f"{host}:{port}" for host, port in settings.sentinel_addresses)
         return f"sentinel {settings.redis_sentinel_service!r} via {sentinels}{durability}"
     return settings.redis_url.split("@")[-1] + durability
+
+
+def primary_address(client: aioredis.Redis) -> str:
+    """``host:port`` of the node a client's writes go to now (for a Sentinel client the primary it last
+    asked the Sentinels for, which its connections follow): never credentials."""
+    pool = sentinel_pool(client)
+    if pool is not None:
+        address = pool.master_address
+        return f"{address[0]}:{address[1]}" if address else "unknown"
+    kwargs = client.connection_pool.connection_kwargs
+    return str(kwargs["path"]) if kwargs.get("path") else f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"

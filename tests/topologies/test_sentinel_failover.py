@@ -33,7 +33,7 @@ from engram.tenancy.nodes import RedisNodes
 from engram.tenancy.provision import Credentials, TenantSpec, ensure_tenant, record_for
 from testkit.sentinel import SentinelTopology, wait_until
 from tests.reliability.support import record
-from tests.server.support import ServiceProcess, service_env
+from tests.server.support import ServiceProcess, metric, scrape, service_env
 
 SESSIONS, TURNS, CONCURRENCY = 20, 20, 10
 KILL_AFTER_ACKNOWLEDGED = 120  # turns acknowledged before the primary is killed
@@ -180,13 +180,21 @@ async def test_a_killed_primary_costs_a_short_503_window_and_no_acknowledged_tur
     old_primary = topology.primary()
     try:
         load = await drive(service.url, credentials.api_key, topology)
+        samples = scrape(service.url)
     finally:
         service.stop()
     figures = failover_figures(load)
+    new_port = topology.wait_failover(old_primary.port)
+    # /metrics tells which node took the commits: the old primary before the kill, the promoted one after
+    commits_on = {
+        port: metric(samples, "engram_redis_commits_total", node=f"127.0.0.1:{port}")
+        for port in (old_primary.port, new_port)
+    }
+    assert all(count > 0 for count in commits_on.values()), commits_on
+    assert sum(commits_on.values()) >= load.count() - figures["answers_503"], commits_on  # (retries may replay)
     figures["failovers"] = topology.failovers()
 
     # Every session answered all its turns; what is stored now, on the promoted primary:
-    new_port = topology.wait_failover(old_primary.port)
     store = store_from_url(topology.url)
     lost, duplicated, out_of_order = 0, 0, 0
     try:
@@ -220,16 +228,17 @@ async def test_a_killed_primary_costs_a_short_503_window_and_no_acknowledged_tur
     finally:
         await as_tenant.client.aclose()
 
-    # The killed primary, started again, is made a replica of the new one; the drift repair gives it the
-    # tenant's user (ACL users are not replicated, and this node has no aclfile).
-    old_primary.spawn().wait_ready()
+    # The killed primary, started again as a start script would (a replica of the primary the Sentinels
+    # name), follows the new primary, the Sentinels list it, and the drift repair gives it the tenant's
+    # user (ACL users are not replicated, and this node has no aclfile).
+    topology.restart_as_replica(old_primary)
 
     def rejoined() -> bool:
         with old_primary.client() as client:
             info = client.info("replication")
         return info["role"] == "slave" and int(info["master_port"]) == new_port and info["master_link_status"] == "up"
 
-    wait_until(rejoined, 30, "the old primary to rejoin as a replica")
+    wait_until(rejoined, 15, "the old primary to rejoin as a replica")
     topology.wait_settled(new_port, 2, 30)
     await repair(settings, credentials)
     assert old_primary.port in await tenant_user_on_every_node(topology, credentials)

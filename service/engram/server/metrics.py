@@ -100,6 +100,11 @@ MODEL_SECONDS = Histogram(
     ["outcome"],
     buckets=SLOW_BUCKETS,
 )
+REDIS_COMMITS = Counter(
+    "engram_redis_commits_total",
+    "Turns committed, by the Redis node (host:port) that was the primary (with Sentinel: changes at a failover).",
+    ["node"],
+)
 REDIS_ERRORS = Counter(
     "engram_redis_errors_total", "Redis calls that failed (unreachable or timed out) by operation.", ["operation"]
 )
@@ -186,6 +191,10 @@ def observe_turn(outcome: str, seconds: float) -> None:
     TURN_SECONDS.labels(outcome).observe(seconds)
     if outcome in QUOTA_REASONS:
         QUOTA_REJECTIONS.labels(outcome).inc()
+
+
+def observe_commit_node(node: str) -> None:
+    REDIS_COMMITS.labels(node).inc()
 
 
 def observe_quota_rejection(reason: str) -> None:
