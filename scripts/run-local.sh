@@ -207,7 +207,10 @@ if [[ "$REDIS_MODE" == sentinel ]]; then
         sentinels+="${sentinels:+,}127.0.0.1:${sentinel_ports[n]}"
     done
     for port in "${sentinel_ports[@]}"; do wait_until "redis-sentinel $port" "${pids[-1]}" 30 sentinel_ready "$port"; done
-    redis_env+=(ENGRAM_REDIS_MODE=sentinel ENGRAM_REDIS_SENTINELS="$sentinels")
+    # A turn is acknowledged once a replica has it: a primary killed right after answering loses nothing
+    # (with local durability the last turns before a kill -9 can be lost; docs/design.md). Override freely.
+    redis_env+=(ENGRAM_REDIS_MODE=sentinel ENGRAM_REDIS_SENTINELS="$sentinels"
+        ENGRAM_COMMIT_DURABILITY="${ENGRAM_COMMIT_DURABILITY:-replicated}")
 fi
 
 # --- the demo tenant (the same reconcile code as the operator, applied to Redis only) ------------------------

@@ -29,7 +29,8 @@ def attach_replica(tmp_path: Path, primary: RedisServer) -> RedisServer:
 
 @pytest.fixture
 async def replicated(redis_url: str) -> AsyncIterator[HistoryStore]:
-    store = make_store(redis_url, commit_durability="replicated", commit_replica_timeout_ms=100)
+    # a replica's confirmation takes a few ms, more on a busy machine: 2 s leaves room (refusals use 100 ms)
+    store = make_store(redis_url, commit_durability="replicated", commit_replica_timeout_ms=2000)
     yield store
     await store.client.aclose()
 
@@ -44,16 +45,11 @@ def replica(tmp_path: Path, redis_server: RedisServer) -> Iterator[RedisServer]:
 async def test_without_a_replica_a_turn_is_not_acknowledged_and_a_retry_stores_it_once(
     tmp_path: Path, redis_server: RedisServer, replicated: HistoryStore
 ) -> None:
-    with pytest.raises(NotReplicated) as refused:
-        await replicated.commit_turn("acme", "s1", "t1", "q1", "a1")
-    assert refused.value.turn_id == "t1" and refused.value.code == "not_replicated"
-    assert isinstance(refused.value, OutcomeUnknown | StoreUnavailable)  # 503, retry with the turn id
-    # Found stored by a retry (in the commit or in the load): still not acknowledged without a replica.
-    with pytest.raises(NotReplicated):
-        await replicated.commit_turn("acme", "s1", "t1", "q1", "a1")
-    with pytest.raises(NotReplicated):
-        await replicated.load_window("acme", "s1", 3000, turn_id="t1")
-
+    impatient = make_store(redis_server.url, commit_durability="replicated", commit_replica_timeout_ms=100)
+    try:
+        await _refused_until_a_replica_confirms(impatient)
+    finally:
+        await impatient.client.aclose()
     replica = attach_replica(tmp_path, redis_server)
     try:
         retried = await replicated.commit_turn("acme", "s1", "t1", "q1", "a1")
@@ -67,6 +63,18 @@ async def test_without_a_replica_a_turn_is_not_acknowledged_and_a_retry_stores_i
             ]  # fmt: skip
     finally:
         replica.stop()
+
+
+async def _refused_until_a_replica_confirms(replicated: HistoryStore) -> None:
+    with pytest.raises(NotReplicated) as refused:
+        await replicated.commit_turn("acme", "s1", "t1", "q1", "a1")
+    assert refused.value.turn_id == "t1" and refused.value.code == "not_replicated"
+    assert isinstance(refused.value, OutcomeUnknown | StoreUnavailable)  # 503, retry with the turn id
+    # Found stored by a retry (in the commit or in the load): still not acknowledged without a replica.
+    with pytest.raises(NotReplicated):
+        await replicated.commit_turn("acme", "s1", "t1", "q1", "a1")
+    with pytest.raises(NotReplicated):
+        await replicated.load_window("acme", "s1", 3000, turn_id="t1")
 
 
 async def test_local_durability_acknowledges_without_a_replica(store: HistoryStore) -> None:

@@ -105,7 +105,14 @@ async def test_a_turn_no_replica_confirms_is_a_503_naming_its_turn_id_and_a_retr
         replica.start()
         with sync_redis.Redis(port=replica.port, decode_responses=True) as client:
             wait_until(lambda: client.info("replication")["master_link_status"] == "up", 10, "the replica to sync")
-        retried = httpx.post(service.url + "/v1/chat", json=body, timeout=10)
+        # retried as a client would until a replica confirms within the (deliberately short) 50 ms
+        retried = wait_until(
+            lambda: (
+                (answer := httpx.post(service.url + "/v1/chat", json=body, timeout=10)).status_code != 503 and answer
+            ),
+            10,
+            "a retry a replica confirms",
+        )
         assert retried.status_code == 200, retried.text
         history = httpx.get(service.url + "/v1/sessions/s1/messages", timeout=10).json()
         assert [m["content"] for m in history["messages"] if m["role"] == "user"] == ["remember me"]
