@@ -10,6 +10,7 @@ export UV
 VENV := .venv
 PY := $(VENV)/bin/python
 REPLICAS ?= 3
+REDIS_MODE ?= standalone
 PYTEST_ARGS ?=
 
 ##@ General
@@ -57,8 +58,8 @@ format: install ## Apply ruff's fixes and formatting
 ##@ Run
 
 .PHONY: run
-run: install ## Local stack: redis-server, $(REPLICAS) replicas, HAProxy round-robin (no affinity), web page
-	REPLICAS=$(REPLICAS) scripts/run-local.sh
+run: install ## Local stack: redis-server (REDIS_MODE=sentinel: 1 primary, 2 replicas, 3 Sentinels), $(REPLICAS) replicas, HAProxy round-robin (no affinity), web page
+	REPLICAS=$(REPLICAS) REDIS_MODE=$(REDIS_MODE) scripts/run-local.sh
 
 .PHONY: bench
 bench: install ## Benchmarks: per-turn cost vs the alternatives, end to end through make run's stack, footprint, bursts on one replica (writes docs/benchmarks.md)

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Engram's tests and `make run` use, when they are missing:
-#   redis-server (the store's tests start their own servers), haproxy (the local load balancer),
+#   redis-server (the store's tests start their own servers), redis-sentinel (the Sentinel failover test and
+#   `make run REDIS_MODE=sentinel`), haproxy (the local load balancer),
 #   chromium (the web page test). Usage: scripts/ensure-system-packages.sh [binary:package ...]
 set -euo pipefail
 
 wanted=("$@")
 if [ ${#wanted[@]} -eq 0 ]; then
-  wanted=(redis-server:redis-server haproxy:haproxy chromium:chromium)
+  wanted=(redis-server:redis-server redis-sentinel:redis-sentinel haproxy:haproxy chromium:chromium)
 fi
 
 missing=()

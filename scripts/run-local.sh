@@ -12,7 +12,11 @@
 #   PORT=8080                the load balancer's port: the page is http://127.0.0.1:$PORT/
 #   BIND=127.0.0.1           address the load balancer listens on
 #   REPLICA_BASE_PORT=8101   replica i listens on REPLICA_BASE_PORT+i-1 (its /metrics is there)
-#   REDIS_PORT=6390          the local redis-server
+#   REDIS_PORT=6390          the local redis-server (in sentinel mode: the first primary)
+#   REDIS_MODE=standalone    standalone: one redis-server; sentinel: a primary and 2 replicas (REDIS_PORT+1, +2)
+#                            watched by 3 redis-sentinel (SENTINEL_BASE_PORT..+2): kill the primary, the
+#                            replicas keep answering after a failover of about 2 s (docs/design.md)
+#   SENTINEL_BASE_PORT=26390 sentinel mode: the Sentinels' ports
 #   RUN_DIR=.run             data, logs, rendered configs
 #   WORKERS=1                uvicorn workers per replica
 #   STOP_GRACE=5             seconds each process gets after SIGTERM on Ctrl-C before it is SIGKILLed
@@ -32,6 +36,8 @@ PORT="${PORT:-8080}"
 BIND="${BIND:-127.0.0.1}"
 REPLICA_BASE_PORT="${REPLICA_BASE_PORT:-8101}"
 REDIS_PORT="${REDIS_PORT:-6390}"
+REDIS_MODE="${REDIS_MODE:-standalone}"
+SENTINEL_BASE_PORT="${SENTINEL_BASE_PORT:-26390}"
 RUN_DIR="${RUN_DIR:-.run}"
 WORKERS="${WORKERS:-1}"
 LB_AFFINITY="${LB_AFFINITY:-none}"
@@ -42,6 +48,12 @@ say() { printf '[run-local] %s\n' "$*"; }
 die() { printf '[run-local] error: %s\n' "$*" >&2; exit 1; }
 
 [[ "$REPLICAS" =~ ^[1-9][0-9]*$ ]] || die "REPLICAS must be a positive number, got '$REPLICAS'"
+case "$REDIS_MODE" in
+    standalone) redis_ports=("$REDIS_PORT") sentinel_ports=() ;;
+    sentinel) redis_ports=("$REDIS_PORT" $((REDIS_PORT + 1)) $((REDIS_PORT + 2)))
+        sentinel_ports=("$SENTINEL_BASE_PORT" $((SENTINEL_BASE_PORT + 1)) $((SENTINEL_BASE_PORT + 2))) ;;
+    *) die "REDIS_MODE must be standalone or sentinel, got '$REDIS_MODE'" ;;
+esac
 case "$LB_AFFINITY" in
     none) balance="balance roundrobin" lb_mode="round-robin per request, no affinity" ;;
     session) balance="balance hdr(X-Session-Id)" lb_mode="sticky per session: hash of the X-Session-Id header" ;;
@@ -53,6 +65,7 @@ find_bin() { command -v "$1" 2>/dev/null || { [[ -x "/usr/sbin/$1" ]] && echo "/
 missing=()
 [[ -n "$(find_bin redis-server)" ]] || missing+=(redis-server)
 [[ -n "$(find_bin haproxy)" ]] || missing+=(haproxy)
+[[ "$REDIS_MODE" != sentinel || -n "$(find_bin redis-sentinel)" ]] || missing+=(redis-sentinel)
 if ((${#missing[@]})); then
     say "installing ${missing[*]} with apt-get"
     sudo=""
@@ -75,7 +88,7 @@ fi
 
 # --- ports must be free ---------------------------------------------------------------------------------
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-ports=("$PORT" "$REDIS_PORT")
+ports=("$PORT" "${redis_ports[@]}" "${sentinel_ports[@]}")
 for ((i = 0; i < REPLICAS; i++)); do ports+=($((REPLICA_BASE_PORT + i))); done
 for port in "${ports[@]}"; do
     port_busy "$port" && die "port $port is in use (another 'make run'?); choose others with PORT=, REPLICA_BASE_PORT=, REDIS_PORT="
@@ -145,7 +158,20 @@ wait_until() {  # wait_until WHAT PID SECONDS COMMAND...: until COMMAND succeeds
     done
 }
 
-redis_ping() ( exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT" && printf 'PING\r\n' >&3 && read -r -t 1 reply <&3 && [[ "$reply" == +PONG* ]] )
+redis_ping() ( exec 3<>"/dev/tcp/127.0.0.1/${1:-$REDIS_PORT}" && printf 'PING\r\n' >&3 && read -r -t 1 reply <&3 && [[ "$reply" == +PONG* ]] )
+# sentinel_ready PORT: the Sentinel knows the primary, 2 replicas and 2 other Sentinels
+sentinel_ready() (
+    exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'SENTINEL MASTER engram\r\n' >&3 || exit 1
+    fields=() line=""
+    while read -r -t 1 line <&3; do
+        line="${line%$'\r'}"; fields+=("$line")
+        [[ "$line" == failover-timeout ]] && break
+    done
+    for ((j = 0; j < ${#fields[@]}; j++)); do
+        case "${fields[j]}" in num-slaves) slaves="${fields[j + 2]}" ;; num-other-sentinels) others="${fields[j + 2]}" ;; esac
+    done
+    [[ "${slaves:-0}" -ge 2 && "${others:-0}" -ge 2 ]]
+)
 http_ok() (  # http_ok PORT PATH: a 200 from a plain HTTP/1.0 GET
     exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n' "$2" >&3 \
         && read -r -t 2 status <&3 && [[ "$status" == *" 200 "* ]]
@@ -153,17 +179,45 @@ http_ok() (  # http_ok PORT PATH: a 200 from a plain HTTP/1.0 GET
 
 # --- redis ------------------------------------------------------------------------------------------------
 # An aclfile: the tenants' ACL users (ACL SAVEd by `engram tenant`) survive restarts of this Redis.
-touch "$RUN_DIR/redis/users.acl"
-start redis "$RUN_DIR/logs/redis.log" "$REDIS_SERVER" --port "$REDIS_PORT" --bind 127.0.0.1 \
-    --dir "$RUN_DIR/redis" --appendonly yes --appendfsync everysec --save "" --protected-mode yes \
-    --aclfile "$RUN_DIR/redis/users.acl"
-wait_until "redis-server" "${pids[-1]}" 10 redis_ping
+# Sentinel mode: node 0 starts as the primary, the others as its replicas (each node keeps its AOF, so a node
+# that was a replica when you stopped holds what the primary had); the Sentinels get fresh configs each run.
+redis_env=(ENGRAM_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0")
+for ((n = 0; n < ${#redis_ports[@]}; n++)); do
+    node_dir="$RUN_DIR/redis"
+    ((n == 0)) || node_dir="$RUN_DIR/redis-$n"
+    mkdir -p "$node_dir"
+    touch "$node_dir/users.acl"
+    follow=()
+    ((n == 0)) || follow=(--replicaof 127.0.0.1 "$REDIS_PORT")
+    start redis "$RUN_DIR/logs/redis${n/#0/}.log" "$REDIS_SERVER" --port "${redis_ports[n]}" --bind 127.0.0.1 \
+        --dir "$node_dir" --appendonly yes --appendfsync everysec --save "" --protected-mode yes \
+        --aclfile "$node_dir/users.acl" "${follow[@]}"
+    wait_until "redis-server ${redis_ports[n]}" "${pids[-1]}" 10 redis_ping "${redis_ports[n]}"
+done
+if [[ "$REDIS_MODE" == sentinel ]]; then
+    REDIS_SENTINEL="$(find_bin redis-sentinel)"
+    sentinels=""
+    for ((n = 0; n < ${#sentinel_ports[@]}; n++)); do
+        dir="$RUN_DIR/sentinel-$n"
+        mkdir -p "$dir"
+        printf '%s\n' "port ${sentinel_ports[n]}" "bind 127.0.0.1" "dir $dir" \
+            "sentinel monitor engram 127.0.0.1 $REDIS_PORT 2" "sentinel down-after-milliseconds engram 1000" \
+            "sentinel failover-timeout engram 3000" >"$dir/sentinel.conf"
+        start redis "$RUN_DIR/logs/sentinel-$n.log" "$REDIS_SENTINEL" "$dir/sentinel.conf"
+        sentinels+="${sentinels:+,}127.0.0.1:${sentinel_ports[n]}"
+    done
+    for port in "${sentinel_ports[@]}"; do wait_until "redis-sentinel $port" "${pids[-1]}" 30 sentinel_ready "$port"; done
+    # A turn is acknowledged once a replica has it: a primary killed right after answering loses nothing
+    # (with local durability the last turns before a kill -9 can be lost; docs/design.md). Override freely.
+    redis_env+=(ENGRAM_REDIS_MODE=sentinel ENGRAM_REDIS_SENTINELS="$sentinels"
+        ENGRAM_COMMIT_DURABILITY="${ENGRAM_COMMIT_DURABILITY:-replicated}")
+fi
 
 # --- the demo tenant (the same reconcile code as the operator, applied to Redis only) ------------------------
 page_fragment=""
 if [[ "$ENGRAM_AUTH" == "required" ]]; then
     key_file="$RUN_DIR/demo-api-key"
-    tenant() { ENGRAM_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" "$PYTHON" -m engram.tenancy.cli tenant "$@"; }
+    tenant() { env "${redis_env[@]}" "$PYTHON" -m engram.tenancy.cli tenant "$@"; }
     if [[ -s "$key_file" ]] && tenant list 2>/dev/null | grep -q '^demo\b'; then
         demo_key="$(<"$key_file")"
     elif tenant list 2>/dev/null | grep -q '^demo\b'; then
@@ -184,7 +238,7 @@ for ((i = 1; i <= REPLICAS; i++)); do
     metrics_dir="$RUN_DIR/metrics/replica-$i"
     mkdir -p "$metrics_dir"
     start "replica-$i" "$RUN_DIR/logs/replica-$i.log" env \
-        ENGRAM_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0" PROMETHEUS_MULTIPROC_DIR="$metrics_dir" \
+        "${redis_env[@]}" PROMETHEUS_MULTIPROC_DIR="$metrics_dir" \
         "$PYTHON" -m engram.server serve --host 127.0.0.1 --port "$port" --workers "$WORKERS"
     replica_pids+=("${pids[-1]}")
     servers+="    server replica-$i 127.0.0.1:$port check"$'\n'
@@ -215,6 +269,7 @@ for ((i = 1; i <= REPLICAS; i++)); do
     say "  metrics     replica $i: http://127.0.0.1:$((REPLICA_BASE_PORT + i - 1))/metrics"
 done
 say "  redis       redis://127.0.0.1:$REDIS_PORT/0   (AOF on, data in $RUN_DIR/redis)"
+[[ "$REDIS_MODE" == sentinel ]] && say "  sentinel    replicas on ports $((REDIS_PORT + 1)), $((REDIS_PORT + 2)); Sentinels $sentinels (service engram)"
 say "  logs        $RUN_DIR/logs/"
 say "  load test   $PYTHON -m engram.server loadgen --url http://$host:$PORT --sessions 20 --turns 10 --concurrency 5${page_fragment:+ --api-key \$(cat $RUN_DIR/demo-api-key)}"
 ready_in="$(awk -v a="$started_at" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"

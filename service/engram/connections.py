@@ -1,39 +1,214 @@
 """Redis clients configured the way Engram expects: bounded timeouts, so an unreachable Redis turns
-into a clear error (HTTP 503) instead of a hang, and a burst waits for a connection instead of failing."""
+into a clear error (HTTP 503) instead of a hang, and a burst waits for a connection instead of failing.
+
+Two topologies, one entry point (:func:`create_redis`), chosen by ``ENGRAM_REDIS_MODE``:
+
+- ``standalone``: ``ENGRAM_REDIS_URL`` is the primary.
+- ``sentinel``: redis-py's own asyncio Sentinel client asks ``ENGRAM_REDIS_SENTINELS`` for the primary of
+  ``ENGRAM_REDIS_SENTINEL_SERVICE`` whenever it opens a connection, and drops connections to a primary
+  that was demoted (``-READONLY``): after a failover the next connection goes to the promoted replica.
+  Nothing here decides a failover; the Sentinels do.
+
+The library (``store_from_url``) names a Sentinel topology with a URL of its own,
+``redis+sentinel://[user[:password]@]host:port[,host:port...]/<service>[/<db>]``, so that a serialized
+adapter reconnects through the Sentinels too (:func:`sentinel_url_of`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from engram.settings import Settings
+from engram.settings import Settings, parse_host_ports
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+class BlockingSentinelConnectionPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """redis-py's Sentinel pool with the blocking pool's bound: a burst above ``max_connections`` waits
+    (up to ``timeout``) for a connection, as in standalone mode. Closing it closes the Sentinel clients."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # a full close (the client's aclose); a master change passes False
+            await self.sentinel_manager.aclose()
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """Where a Sentinel-managed primary is found, and the Redis credentials a URL may carry."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def is_sentinel_url(url: str | None) -> bool:
+    return bool(url) and str(url).lower().startswith(SENTINEL_SCHEME + "://")
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """``redis+sentinel://[user[:password]@]host:port[,host:port...]/<service>[/<db>]``."""
+    parts = urlsplit(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    try:
+        sentinels = parse_host_ports(hosts)
+    except ValueError as error:
+        raise ValueError(f"invalid {SENTINEL_SCHEME} URL: {error}") from None
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        expected = f"{SENTINEL_SCHEME}://host:port[,host:port]/<service>[/<db>]"
+        raise ValueError(f"invalid {SENTINEL_SCHEME} URL: expected {expected}")
+    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
+    username, _, password = userinfo.partition(":")
+    return SentinelTarget(
+        sentinels=sentinels,
+        service=unquote(path[0]),
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+    )
+
+
+def sentinel_target(settings: Settings) -> SentinelTarget | None:
+    """The Sentinel topology the settings name, or None in standalone mode."""
+    if settings.redis_mode != "sentinel":
+        return None
+    if is_sentinel_url(settings.redis_url):
+        return parse_sentinel_url(settings.redis_url)
+    # ENGRAM_REDIS_URL then only gives the database and credentials (as in standalone mode); its host is not used.
+    url = urlsplit(settings.redis_url)
+    db = int(url.path.strip("/") or 0) if url.path.strip("/").isdigit() else 0
+    username, password = (unquote(part) if part else None for part in (url.username, url.password))
+    return SentinelTarget(settings.sentinel_addresses, settings.redis_sentinel_service, db, username, password)
+
+
+def _options(settings: Settings) -> dict[str, Any]:
+    """Timeouts, health checks and retry every Engram connection has, in every topology."""
+    return {
+        "decode_responses": True,
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_connect_timeout,
+        "health_check_interval": 30,
+        # One quick retry covers a dropped idle connection. Timeouts are not retried: a hung Redis
+        # must turn into a 503 after one socket timeout, not two.
+        "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1, supported_errors=(RedisConnectionError,)),
+        "client_name": "engram",
+    }
+
+
+def _credentials(username: str | None, password: str | None) -> dict[str, Any]:
+    return {key: value for key, value in (("username", username), ("password", password)) if value}
 
 
 def create_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
-    """An asyncio Redis client (one connection pool) for ``url`` or ``settings.redis_url``."""
+    """An asyncio Redis client (one connection pool) for ``url``, else for the settings' topology.
+
+    A ``redis+sentinel://`` URL, or ``ENGRAM_REDIS_MODE=sentinel`` without a ``url``, gives a client of
+    the Sentinels' current primary; any other URL is one fixed node (e.g. a replica, for ACL users)."""
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    if url is not None:
+        target = parse_sentinel_url(url) if is_sentinel_url(url) else None
+    else:
+        target = sentinel_target(settings)
+    if target is not None:
+        # Explicit credentials override the URL's, as in standalone mode.
+        credentials = {
+            **_credentials(target.username, target.password),
+            **_credentials(settings.redis_username, password),
+        }
+        return _sentinel_client(settings, target, credentials)
     # Explicit credentials override the URL's; from_url only takes them as keyword arguments.
-    credentials: dict[str, Any] = {
-        key: value for key, value in (("username", settings.redis_username), ("password", password)) if value
-    }
     # A blocking pool: a burst above max_connections waits (up to redis_pool_timeout) for a connection
     # to come back instead of failing at once with MaxConnectionsError.
     pool = aioredis.BlockingConnectionPool.from_url(
         url or settings.redis_url,
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_pool_timeout,
-        decode_responses=True,
-        socket_timeout=settings.redis_socket_timeout,
-        socket_connect_timeout=settings.redis_connect_timeout,
-        health_check_interval=30,
-        # One quick retry covers a dropped idle connection. Timeouts are not retried: a hung Redis
-        # must turn into a 503 after one socket timeout, not two.
-        retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=1, supported_errors=(RedisConnectionError,)),
-        client_name="engram",
-        **credentials,
+        **_options(settings),
+        **_credentials(settings.redis_username, password),
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def _sentinel_client(settings: Settings, target: SentinelTarget, credentials: dict[str, Any]) -> aioredis.Redis:
+    options = _options(settings)
+    sentinel_password = settings.redis_sentinel_password
+    sentinel_kwargs = {
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": settings.redis_connect_timeout,
+        "retry": options["retry"],
+        **_credentials(
+            settings.redis_sentinel_username, sentinel_password.get_secret_value() if sentinel_password else None
+        ),
+    }
+    sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    client: aioredis.Redis = sentinel.master_for(
+        target.service,
+        connection_pool_class=BlockingSentinelConnectionPool,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout,
+        db=target.db,
+        **options,
+        **credentials,
+    )
+    return client
+
+
+def sentinel_pool(client: aioredis.Redis) -> SentinelConnectionPool | None:
+    pool = client.connection_pool
+    return pool if isinstance(pool, SentinelConnectionPool) else None
+
+
+def sentinel_url_of(client: aioredis.Redis) -> str | None:
+    """The ``redis+sentinel://`` URL (without password) a Sentinel client was made from, else None."""
+    pool = sentinel_pool(client)
+    if pool is None:
+        return None
+    hosts = ",".join(
+        f"{kwargs['host']}:{kwargs['port']}"
+        for kwargs in (s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels)
+    )
+    kwargs = pool.connection_kwargs
+    user = f"{kwargs['username']}@" if kwargs.get("username") else ""
+    return f"{SENTINEL_SCHEME}://{user}{hosts}/{pool.service_name}/{kwargs.get('db', 0)}"
+
+
+async def sentinel_nodes(client: aioredis.Redis) -> tuple[tuple[str, int], list[tuple[str, int]]] | None:
+    """The primary and the replicas (those not down) the Sentinels know now, for a Sentinel client."""
+    pool = sentinel_pool(client)
+    if pool is None:
+        return None
+    manager = pool.sentinel_manager
+    primary = await manager.discover_master(pool.service_name)
+    replicas = await manager.discover_slaves(pool.service_name)
+    return (str(primary[0]), int(primary[1])), [(str(host), int(port)) for host, port in replicas]
+
+
+def redis_description(settings: Settings) -> str:
+    """Where the settings point, for logs: never credentials."""
+    durability = f", commits {settings.commit_durability}"
+    if settings.redis_mode == "sentinel":
+        sentinels = ",".join(f"{host}:{port}" for host, port in settings.sentinel_addresses)
+        return f"sentinel {settings.redis_sentinel_service!r} via {sentinels}{durability}"
+    return settings.redis_url.split("@")[-1] + durability
+
+
+def primary_address(client: aioredis.Redis) -> str:
+    """``host:port`` of the node a client's writes go to now (for a Sentinel client the primary it last
+    asked the Sentinels for, which its connections follow): never credentials."""
+    pool = sentinel_pool(client)
+    if pool is not None:
+        address = pool.master_address
+        return f"{address[0]}:{address[1]}" if address else "unknown"
+    kwargs = client.connection_pool.connection_kwargs
+    return str(kwargs["path"]) if kwargs.get("path") else f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"

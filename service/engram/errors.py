@@ -21,6 +21,7 @@ The tree::
     └── StoreUnavailable              Redis could not be reached or timed out; nothing was written
         ├── StoreReadOnly             Redis refuses writes for now (read-only replica, NOREPLICAS, MISCONF)
         └── OutcomeUnknown            a commit was sent but no answer came: it may or may not have landed
+            └── NotReplicated         stored on the primary, but no replica confirmed it in time (replicated)
 
 Each carries a stable ``code`` that the HTTP layer puts in its JSON error body.
 """
@@ -127,3 +128,11 @@ class OutcomeUnknown(StoreUnavailable):
     def __init__(self, message: str, turn_id: str) -> None:
         super().__init__(message)
         self.turn_id = turn_id
+
+
+class NotReplicated(OutcomeUnknown):
+    """With ``ENGRAM_COMMIT_DURABILITY=replicated``: the primary stored the turn but no replica confirmed
+    it within ``ENGRAM_COMMIT_REPLICA_TIMEOUT_MS``, so a failover could still lose it. The turn is not
+    acknowledged; retrying the same ``turn_id`` is safe (it is stored once) and waits for a replica again."""
+
+    code = "not_replicated"

@@ -14,6 +14,7 @@ Layout (``engram`` is the configurable namespace, ``acme`` a tenant, ``s1`` a se
     engram:acme:expiry             zset     session_id -> ms its keys expire ("inf": no TTL); its size = sessions
     engram:acme:rate               hash     the tenant's request rate state (tat: GCRA theoretical arrival, ms)
     engram:acme:subject:u-7        set      session ids of one subject (end user), for erasure by subject
+    engram:acme:replicated         hash     a counter written (expires in a minute) so WAIT can confirm a replayed turn
     engram:_sys:tenant:acme        hash     tenant registry record (policy, API-key hash) - NOT tenant-writable
     engram:_sys:tenants            set      names of registered tenants
 
@@ -158,6 +159,12 @@ class KeySpace:
     def subject(self, tenant: str, subject: str) -> str:
         """The set of a subject's (an end user's) session ids."""
         return f"{self.tenant_prefix(tenant)}subject:{validate_subject_id(subject)}"
+
+    # --- commit durability (ENGRAM_COMMIT_DURABILITY=replicated) --------------------------------------
+    def replication_barrier(self, tenant: str) -> str:
+        """A key the store writes before ``WAIT`` when a turn it answers was stored earlier (a retry): WAIT
+        only counts a connection's own writes, so without one it would confirm nothing."""
+        return f"{self.tenant_prefix(tenant)}replicated"
 
     def session(self, tenant: str, session_id: str) -> SessionKeys:
         prefix = self.tenant_prefix(tenant)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engram.policy import (
@@ -23,6 +23,20 @@ from engram.policy import (
     PolicyField,
 )
 from engram.redis_keys import NAMESPACE_PATTERN
+
+
+def parse_host_ports(value: str) -> list[tuple[str, int]]:
+    """``"a:26379, [::1]:26380"`` -> ``[("a", 26379), ("::1", 26380)]``; ValueError naming a bad entry."""
+    addresses = []
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            continue
+        host, _, port = entry.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/@ "):
+            raise ValueError(f"{entry!r} is not host:port (e.g. redis-sentinel-0:26379)")
+        addresses.append((host, int(port)))
+    return addresses
 
 
 def _bounds(policy_field: PolicyField) -> Any:
@@ -47,6 +61,27 @@ class Settings(BaseSettings):
         5.0, gt=0, le=60, description="seconds a call waits for a free connection when all are busy, then 503"
     )
     namespace: str = Field("engram", description="first segment of every Redis key")
+
+    # --- Redis topology and commit durability (one block; checked together in _redis_topology) ---------
+    redis_mode: Literal["standalone", "sentinel", "cluster"] = Field(
+        "standalone",
+        description="standalone: ENGRAM_REDIS_URL is the primary; sentinel: the primary is asked of "
+        "ENGRAM_REDIS_SENTINELS and followed through failovers; cluster: not supported yet",
+    )
+    redis_sentinels: str = Field("", description="sentinel mode: the Sentinels, host:port,host:port,...")
+    redis_sentinel_service: str = Field(
+        "engram", min_length=1, description="sentinel mode: the name the Sentinels monitor the primary under"
+    )
+    redis_sentinel_username: str | None = Field(None, description="ACL user on the Sentinels, if they need one")
+    redis_sentinel_password: SecretStr | None = Field(None, description="password of the Sentinels, if they need one")
+    commit_durability: Literal["local", "replicated"] = Field(
+        "local",
+        description="local: a turn is acknowledged once the primary ran its commit; replicated: once at least "
+        "one replica has it too (WAIT in the commit's round trip; 503 not_replicated otherwise)",
+    )
+    commit_replica_timeout_ms: int = Field(
+        1000, ge=1, le=60_000, description="replicated: ms a commit waits for a replica before answering 503"
+    )
 
     # --- HTTP ---------------------------------------------------------------------------------------------
     docs_ui: bool = Field(
@@ -103,6 +138,32 @@ class Settings(BaseSettings):
         60.0, gt=0, le=86_400, description="how often the operator re-checks each tenant for drift"
     )
     operator_purge_batch: int = Field(100, ge=1, le=10_000, description="sessions deleted per purge batch")
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_are_host_port_pairs(cls, value: str) -> str:
+        parse_host_ports(value)  # raises ValueError naming the bad entry
+        return value
+
+    @model_validator(mode="after")
+    def _redis_topology(self) -> Settings:
+        if self.redis_mode == "cluster":
+            raise ValueError("ENGRAM_REDIS_MODE=cluster is not supported yet: use standalone or sentinel")
+        if self.redis_mode == "sentinel" and not self.sentinel_addresses:
+            raise ValueError("ENGRAM_REDIS_MODE=sentinel needs ENGRAM_REDIS_SENTINELS (host:port,host:port,...)")
+        if self.redis_mode == "standalone" and self.sentinel_addresses:
+            raise ValueError("ENGRAM_REDIS_SENTINELS is set but ENGRAM_REDIS_MODE is standalone: set it to sentinel")
+        if self.commit_replica_timeout_ms >= self.redis_socket_timeout * 1000:
+            raise ValueError(
+                f"ENGRAM_COMMIT_REPLICA_TIMEOUT_MS ({self.commit_replica_timeout_ms}) must be below "
+                f"ENGRAM_REDIS_SOCKET_TIMEOUT ({self.redis_socket_timeout} s): the commit waits for replicas "
+                "within one Redis call"
+            )
+        return self
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return parse_host_ports(self.redis_sentinels)
 
     @field_validator("namespace")
     @classmethod

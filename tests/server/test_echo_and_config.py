@@ -65,6 +65,26 @@ def test_missing_or_other_authorization_is_refused(header: str | None) -> None:
         ({"ENGRAM_AUTH": "sometimes"}, "ENGRAM_AUTH: Input should be 'required' or 'disabled'"),
         ({"ENGRAM_LLM": "openai-like"}, "ENGRAM_LLM=openai-like needs ENGRAM_LLM_BASE_URL and ENGRAM_LLM_MODEL"),
         ({"ENGRAM_NAMESPACE": "Bad Space"}, "ENGRAM_NAMESPACE"),
+        ({"ENGRAM_REDIS_MODE": "cluster"}, "ENGRAM_REDIS_MODE=cluster is not supported yet"),
+        ({"ENGRAM_REDIS_MODE": "mesh"}, "ENGRAM_REDIS_MODE: Input should be 'standalone', 'sentinel' or 'cluster'"),
+        ({"ENGRAM_REDIS_MODE": "sentinel"}, "ENGRAM_REDIS_MODE=sentinel needs ENGRAM_REDIS_SENTINELS"),
+        (
+            {"ENGRAM_REDIS_MODE": "sentinel", "ENGRAM_REDIS_SENTINELS": "s0:26379,s1"},
+            "ENGRAM_REDIS_SENTINELS: Value error, 's1' is not host:port",
+        ),
+        (
+            {"ENGRAM_REDIS_MODE": "sentinel", "ENGRAM_REDIS_SENTINELS": "s0:263790"},
+            "ENGRAM_REDIS_SENTINELS: Value error, 's0:263790' is not host:port",
+        ),
+        ({"ENGRAM_REDIS_SENTINELS": "s0:26379"}, "ENGRAM_REDIS_SENTINELS is set but ENGRAM_REDIS_MODE is standalone"),
+        (
+            {"ENGRAM_COMMIT_DURABILITY": "eventually"},
+            "ENGRAM_COMMIT_DURABILITY: Input should be 'local' or 'replicated'",
+        ),
+        (
+            {"ENGRAM_COMMIT_REPLICA_TIMEOUT_MS": "6000"},
+            "ENGRAM_COMMIT_REPLICA_TIMEOUT_MS (6000) must be below ENGRAM_REDIS_SOCKET_TIMEOUT",
+        ),
     ],
 )
 def test_invalid_configuration_fails_at_start_with_a_clear_message(env: dict[str, str], expected: str) -> None:

@@ -61,6 +61,7 @@ TENANT_COMMANDS: tuple[str, ...] = (
     "multi",
     "exec",
     "discard",
+    "wait",  # ENGRAM_COMMIT_DURABILITY=replicated: a commit is acknowledged once a replica has it
     # run by the library inside FCALL
     "hset",
     "hsetnx",

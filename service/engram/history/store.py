@@ -34,6 +34,7 @@ from engram.errors import (
     InvalidCursor,
     InvalidMessage,
     MessageTooLarge,
+    NotReplicated,
     OutcomeUnknown,
     RateLimited,
     SessionQuotaExceeded,
@@ -228,8 +229,13 @@ class HistoryStore:
         tokenizer: Tokenizer | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_window_messages: int = DEFAULT_MAX_WINDOW_MESSAGES,
+        commit_durability: str = "local",
+        commit_replica_timeout_ms: int = 1000,
     ) -> None:
         self.client = client
+        # "replicated": a commit is acknowledged only once a replica has it (see _commit)
+        self.commit_durability = commit_durability
+        self.commit_replica_timeout_ms = commit_replica_timeout_ms
         self.keys = keys or KeySpace()
         self.cache = TailCache(cache_sessions)
         self.cache_capacity = cache_sessions
@@ -364,6 +370,7 @@ class HistoryStore:
         replay = None
         if replay_entries and turn_id:
             replay = CommittedTurn(turn_id, [_parse_entry(e) for e in replay_entries], duplicate=True)
+            await self.confirm_replicated(tenant, turn_id)  # answered as stored: it must be as durable as a commit
         fitted = new_tail.messages if new_tail else ()
         reaches_start = new_tail.complete if new_tail else True
         summary = _parse_summary(raw[5], messages) if summary_batch > 0 else None
@@ -413,16 +420,17 @@ class HistoryStore:
         if not messages:
             raise InvalidMessage("nothing to append")
         args = self._message_args(messages)
+        all_keys = keys.function_keys() + ((subject_key,) if subject_key else ())
+        fcall_args = (
+            turn_id or "", policy.session_ttl_seconds, policy.max_messages_per_session, session_id, label,
+            policy.max_sessions, policy.max_stored_bytes, subject or "", len(messages), *args,
+        )  # fmt: skip
         try:
-            raw = await self._call_on_session(
-                FN_COMMIT, keys, turn_id or "", policy.session_ttl_seconds, policy.max_messages_per_session,
-                session_id, label, policy.max_sessions, policy.max_stored_bytes, subject or "",
-                len(messages), *args, subject_key=subject_key,
-            )  # fmt: skip
+            raw = await self._commit(tenant, all_keys, fcall_args, turn_id)
         except StoreUnavailable as error:
             # Sent, perhaps, and unanswered: a frozen or slow Redis still runs what it queued. With a turn
             # id that is retryable as it is (the commit is idempotent); a refusal (read-only) is definite.
-            if turn_id is None or isinstance(error, StoreReadOnly):
+            if turn_id is None or isinstance(error, StoreReadOnly | OutcomeUnknown):
                 raise
             raise OutcomeUnknown(str(error), turn_id) from error
         duplicate, epoch, entries = raw[0], _text(raw[1]), [_parse_entry(e) for e in raw[2]]
@@ -485,6 +493,58 @@ class HistoryStore:
         args = (keys.log, keys.meta, keys.summary, epoch, expected or "", text, covers_through, count, tokens)
         raw = await self._call(lambda: self.client.fcall(FN_SUMMARY_ADVANCE, 3, *args))
         return int(raw) == 1
+
+    # --- commit durability ------------------------------------------------------------------------------
+    async def _commit(self, tenant: str, keys: Sequence[str], args: Sequence[str | int], turn_id: str | None) -> Any:
+        """FCALL commit; with ``commit_durability="replicated"`` followed by ``WAIT 1 <ms>`` in the same
+        round trip (a pipeline, no transaction), and :class:`NotReplicated` when no replica confirmed it.
+        A retry of a stored turn wrote nothing, so WAIT would count nothing: it is confirmed separately."""
+        if self.commit_durability != "replicated":
+            return await self._call(lambda: self.client.fcall(FN_COMMIT, len(keys), *keys, *args))
+
+        async def commit_and_wait() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.fcall(FN_COMMIT, len(keys), *keys, *args)
+                pipe.wait(1, self.commit_replica_timeout_ms)
+                return list(await pipe.execute())
+
+        raw, replicas = await self._call(commit_and_wait)
+        if int(raw[0]) == 1:  # a duplicate: stored earlier, perhaps never replicated
+            await self.confirm_replicated(tenant, turn_id or "")
+        elif int(replicas) < 1:
+            raise self._not_replicated(turn_id or "")
+        return raw
+
+    async def confirm_replicated(self, tenant: str, turn_id: str) -> None:
+        """With ``replicated`` durability, make sure a replica has everything this primary stored so far
+        (so a turn found stored by a retry too): a small write, then WAIT for it, in one round trip.
+        Raises :class:`NotReplicated` when no replica confirms in time."""
+        if self.commit_durability != "replicated":
+            return
+        barrier = self.keys.replication_barrier(tenant)
+
+        async def write_and_wait() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hincrby(barrier, "n", 1)
+                pipe.expire(barrier, 60)
+                pipe.wait(1, self.commit_replica_timeout_ms)
+                return list(await pipe.execute())
+
+        try:
+            replicas = (await self._call(write_and_wait))[-1]
+        except StoreUnavailable as error:
+            if isinstance(error, StoreReadOnly):
+                raise
+            raise OutcomeUnknown(str(error), turn_id) from error
+        if int(replicas) < 1:
+            raise self._not_replicated(turn_id)
+
+    def _not_replicated(self, turn_id: str) -> NotReplicated:
+        return NotReplicated(
+            f"no replica confirmed the commit within {self.commit_replica_timeout_ms} ms "
+            "(ENGRAM_COMMIT_DURABILITY=replicated)",
+            turn_id,
+        )
 
     # --- whole-session operations (LlamaIndex chat-store semantics) -------------------------------------
     async def replace(

@@ -16,8 +16,9 @@ from typing import Any, Self, TypeVar
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, PrivateAttr
+from redis.asyncio.sentinel import Sentinel
 
-from engram.connections import create_redis
+from engram.connections import BlockingSentinelConnectionPool, create_redis, sentinel_url_of
 from engram.history.store import HistoryStore
 from engram.policy import SESSION_TTL_SECONDS, Policy
 from engram.redis_keys import KeySpace
@@ -30,16 +31,47 @@ SYNC_CALL_TIMEOUT_SECONDS = 30.0
 
 
 def store_from_url(url: str, namespace: str = "engram", **settings: Any) -> HistoryStore:
-    """A :class:`HistoryStore` on ``url`` with Engram's default timeouts."""
-    config = Settings(redis_url=url, namespace=namespace, **settings)
-    return HistoryStore(create_redis(config), KeySpace(namespace), cache_sessions=config.cache_sessions)
+    """A :class:`HistoryStore` on ``url`` with Engram's default timeouts.
+
+    ``url`` is one Redis (``redis://``, ``rediss://``, ``unix://``) or a Sentinel topology,
+    ``redis+sentinel://host:port[,host:port...]/<service>[/<db>]`` (the client follows its failovers).
+    ``settings`` are :class:`~engram.settings.Settings` fields, e.g. ``commit_durability="replicated"`` (or
+    ``redis_mode="sentinel", redis_sentinels="h:26379,..."`` instead of a ``redis+sentinel://`` URL).
+    """
+    # The URL names the topology: ENGRAM_REDIS_MODE / ENGRAM_REDIS_SENTINELS in the environment do not apply.
+    topology = {"redis_mode": "standalone", "redis_sentinels": ""}
+    config = Settings(**{"redis_url": url, "namespace": namespace, **topology, **settings})
+    return HistoryStore(
+        # (explicit redis_mode="sentinel" + redis_sentinels=... kwargs: the URL gives only database and credentials)
+        create_redis(config, url if config.redis_mode == "standalone" else None),
+        KeySpace(namespace),
+        cache_sessions=config.cache_sessions,
+        commit_durability=config.commit_durability,
+        commit_replica_timeout_ms=config.commit_replica_timeout_ms,
+    )
 
 
-def clone_store(store: HistoryStore) -> HistoryStore:
-    """A store with the same settings and a fresh connection pool (for use on another loop)."""
-    pool = store.client.connection_pool
+def _clone_client(client: aioredis.Redis) -> aioredis.Redis:
+    """A client on the same Redis (or the same Sentinels) with the same settings and fresh pools."""
+    pool = client.connection_pool
+    if isinstance(pool, BlockingSentinelConnectionPool):
+        manager = pool.sentinel_manager
+        addresses = [
+            (s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
+            for s in manager.sentinels
+        ]
+        kwargs = {k: v for k, v in pool.connection_kwargs.items() if k not in ("connection_pool", "connection_class")}
+        sentinel = Sentinel(addresses, sentinel_kwargs=manager.sentinel_kwargs)  # type: ignore[no-untyped-call]
+        sentinel_client: aioredis.Redis = sentinel.master_for(
+            pool.service_name,
+            connection_pool_class=type(pool),
+            max_connections=pool.max_connections,
+            timeout=pool.timeout,
+            **kwargs,
+        )
+        return sentinel_client
     extra: dict[str, Any] = {"timeout": pool.timeout} if isinstance(pool, aioredis.BlockingConnectionPool) else {}
-    client = aioredis.Redis(
+    return aioredis.Redis(
         connection_pool=type(pool)(
             connection_class=pool.connection_class,
             max_connections=pool.max_connections,
@@ -47,13 +79,19 @@ def clone_store(store: HistoryStore) -> HistoryStore:
             **pool.connection_kwargs,
         )
     )
+
+
+def clone_store(store: HistoryStore) -> HistoryStore:
+    """A store with the same settings and a fresh connection pool (for use on another loop)."""
     return HistoryStore(
-        client,
+        _clone_client(store.client),
         store.keys,
         cache_sessions=store.cache_capacity,
         tokenizer=store.count_tokens,
         max_message_bytes=store.max_message_bytes,
         max_window_messages=store.max_window_messages,
+        commit_durability=store.commit_durability,
+        commit_replica_timeout_ms=store.commit_replica_timeout_ms,
     )
 
 
@@ -123,7 +161,11 @@ class StoreRuntime:
 
 def url_of(store: HistoryStore) -> str:
     """A URL that reconnects to ``store``'s Redis, without its password: a serialized adapter must not
-    carry a secret it was not given as part of a URL (the reconnect reads ``ENGRAM_REDIS_PASSWORD``)."""
+    carry a secret it was not given as part of a URL (the reconnect reads ``ENGRAM_REDIS_PASSWORD``).
+    A store on Sentinels gives its ``redis+sentinel://`` URL: the copy follows failovers too."""
+    sentinel_url = sentinel_url_of(store.client)
+    if sentinel_url is not None:
+        return sentinel_url
     kwargs = store.client.connection_pool.connection_kwargs
     db = kwargs.get("db", 0)
     if "path" in kwargs:

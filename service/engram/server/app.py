@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import engram
-from engram.connections import create_redis
+from engram.connections import create_redis, redis_description
 from engram.errors import StoreUnavailable
 from engram.history.store import HistoryStore
 from engram.redis_keys import KeySpace
@@ -143,6 +143,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         KeySpace(settings.namespace),
         cache_sessions=settings.cache_sessions,
         max_message_bytes=settings.max_message_bytes,
+        commit_durability=settings.commit_durability,
+        commit_replica_timeout_ms=settings.commit_replica_timeout_ms,
     )
     auth = Authenticator(settings, _tenant_registry(settings, redis))
     if not auth.required:
@@ -176,7 +178,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         "engram %s serving as %s (redis %s, model %s, auth %s, memory %s)",
         engram.__version__,
         served_by(),
-        settings.redis_url.split("@")[-1],
+        redis_description(settings),
         settings.llm,
         settings.auth,
         settings.memory,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_SECRET_FIELDS = {"redis_password", "llm_api_key"}
+_SECRET_FIELDS = {"redis_password", "redis_sentinel_password", "llm_api_key"}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -47,6 +47,9 @@ def add_parser(subparsers: Any) -> None:
 def _configuration_errors(error: Any) -> str:
     lines = []
     for item in error.errors():
+        if not item["loc"]:  # a check of several variables together: its message names them
+            lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
+            continue
         name = "ENGRAM_" + "_".join(str(part) for part in item["loc"]).upper()
         got = "" if any(part in _SECRET_FIELDS for part in item["loc"]) else f" (got {item.get('input')!r})"
         lines.append(f"  {name}: {item['msg']}{got}")

@@ -15,6 +15,8 @@ The mapping, in one place::
     StoreUnavailable (Redis unreachable, timed out or read-only; nothing stored)      503 + Retry-After
     OutcomeUnknown (a commit was sent, no answer: it may have landed)                503 + Retry-After,
                                                                                      body carries turn_id
+    NotReplicated (durability replicated: no replica confirmed the turn in time)      503 + Retry-After,
+                                                                                     body carries turn_id
     ModelFailed (the model raised, timed out or answered something unstorable)       502
     any other exception                                                              500 internal_error,
                                                                                      logged, no details sent
@@ -42,6 +44,7 @@ from engram.errors import (
     InvalidInput,
     MessageTooLarge,
     NotFound,
+    NotReplicated,
     OutcomeUnknown,
     QuotaExceeded,
     RateLimited,
@@ -173,6 +176,11 @@ def error_response(
 
 def _public_message(error: EngramError) -> str:
     """What a client is told (messages of store errors never carry internals such as Redis' address)."""
+    if isinstance(error, NotReplicated):
+        return (
+            "the turn was not acknowledged: no Redis replica confirmed it in time, so a failover could lose it. "
+            f"Retry with turn_id {error.turn_id!r}: a retry with it is stored once and waits for a replica again"
+        )
     if isinstance(error, OutcomeUnknown):
         return (
             "the history store (Redis) did not confirm this turn: it may or may not have been stored. "

@@ -44,6 +44,7 @@ TURN_OUTCOMES = (
     "ok", "replayed", "duplicate", "model_error", "rejected", "abandoned",
     # a store error's code (see engram.errors)
     "store_unavailable", "store_read_only", "store_full", "outcome_unknown",
+    "not_replicated",
     # over a quota or the request rate (nothing stored)
     "rate_limited", "session_quota_exceeded", "storage_quota_exceeded",
 )  # fmt: skip
@@ -98,6 +99,11 @@ MODEL_SECONDS = Histogram(
     "Time the model took to answer (to the last token when streaming).",
     ["outcome"],
     buckets=SLOW_BUCKETS,
+)
+REDIS_COMMITS = Counter(
+    "engram_redis_commits_total",
+    "Turns committed, by the Redis node (host:port) that was the primary (with Sentinel: changes at a failover).",
+    ["node"],
 )
 REDIS_ERRORS = Counter(
     "engram_redis_errors_total", "Redis calls that failed (unreachable or timed out) by operation.", ["operation"]
@@ -185,6 +191,10 @@ def observe_turn(outcome: str, seconds: float) -> None:
     TURN_SECONDS.labels(outcome).observe(seconds)
     if outcome in QUOTA_REASONS:
         QUOTA_REJECTIONS.labels(outcome).inc()
+
+
+def observe_commit_node(node: str) -> None:
+    REDIS_COMMITS.labels(node).inc()
 
 
 def observe_quota_rejection(reason: str) -> None:

@@ -32,6 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from engram.connections import primary_address
 from engram.echo import Message
 from engram.errors import (
     EngramError,
@@ -220,8 +221,9 @@ async def commit(ctx: TurnContext, turn: ValidTurn, reply: str) -> CommittedTurn
         committed = await ctx.memory.commit(turn.session_id, turn.turn_id, turn.user, answer, turn.subject)
     if committed.duplicate:
         _check_same_message(committed, turn)
-    elif committed.usage is not None:
+    elif committed.usage is not None:  # stored in Redis (ENGRAM_MEMORY=off stores nothing)
         metrics.observe_usage(ctx.tenant.name, committed.usage)
+        metrics.observe_commit_node(primary_address(ctx.store.client))
     return committed
 
 

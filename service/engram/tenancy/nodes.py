@@ -1,7 +1,11 @@
 """The Redis nodes tenancy changes are applied to: the primary, and replicas for ACL users.
 
 Data (registry records, sessions, the function library) is written to the primary only and reaches
-replicas by replication. ACL users are not replicated, so they are set on every node.
+replicas by replication. ACL users are not replicated, so they are set on every node:
+
+- standalone: the primary (``ENGRAM_REDIS_URL``) and ``ENGRAM_REDIS_REPLICA_URLS``;
+- sentinel: whatever the Sentinels list now (the primary and every replica not down), asked again on each
+  change, so a replica promoted or added later gets the users at the operator's next drift repair.
 """
 
 from __future__ import annotations
@@ -10,12 +14,16 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from engram.connections import create_redis
+from engram.connections import create_redis, sentinel_nodes, sentinel_pool
 from engram.settings import Settings
 
 
 def node_name(client: aioredis.Redis) -> str:
     """``host:port`` (or the socket path) of a client, for messages: never its credentials."""
+    pool = sentinel_pool(client)
+    if pool is not None:
+        address = pool.master_address
+        return f"{address[0]}:{address[1]}" if address else f"primary of {pool.service_name!r}"
     kwargs = client.connection_pool.connection_kwargs
     if kwargs.get("path"):
         return str(kwargs["path"])
@@ -33,22 +41,44 @@ class RedisNodes:
     replicas: tuple[aioredis.Redis, ...] = ()
     # Per node, the allow-list filtered to the commands that server knows (see acl.supported_commands).
     supported: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Sentinel mode: the settings to reach each node the Sentinels name, and one client per node seen.
+    settings: Settings | None = None
+    discovered: dict[str, aioredis.Redis] = field(default_factory=dict)
 
     @property
     def all(self) -> tuple[aioredis.Redis, ...]:
+        """The configured nodes (standalone). In sentinel mode use :meth:`every_node`."""
         return (self.primary, *self.replicas)
+
+    async def every_node(self) -> tuple[aioredis.Redis, ...]:
+        """Every node an ACL user must exist on, now. Sentinel mode asks the Sentinels (raises
+        :class:`redis.exceptions.ConnectionError` when none answers with a primary)."""
+        topology = await sentinel_nodes(self.primary)
+        if topology is None or self.settings is None:
+            return self.all
+        primary, replicas = topology
+        db = self.primary.connection_pool.connection_kwargs.get("db", 0)
+        clients = []
+        for host, port in (primary, *replicas):
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if address not in self.discovered:
+                self.discovered[address] = create_redis(self.settings, f"redis://{address}/{db}")
+            clients.append(self.discovered[address])
+        return tuple(clients)
 
     @classmethod
     def from_settings(
         cls, settings: Settings, redis_url: str | None = None, replica_urls: list[str] | None = None
     ) -> RedisNodes:
-        """Clients with the settings' (admin) credentials for the primary and each replica."""
+        """Clients with the settings' (admin) credentials for the primary and each replica; in sentinel
+        mode (and without an explicit ``redis_url``) the primary follows failovers."""
         replicas = split_urls(settings.redis_replica_urls) if replica_urls is None else replica_urls
         return cls(
             primary=create_redis(settings, redis_url),
             replicas=tuple(create_redis(settings, url) for url in replicas),
+            settings=settings,
         )
 
     async def aclose(self) -> None:
-        for client in self.all:
+        for client in (*self.all, *self.discovered.values()):
             await client.aclose()

@@ -124,7 +124,7 @@ async def ensure_tenant(
         changes.append("loaded the Redis function library")
 
     failures: list[str] = []
-    for client in nodes.all:
+    for client in await redis_call(nodes.every_node, "list the nodes"):
         try:
             if await _ensure_acl_user(nodes, client, keys, record, commands):
                 changes.append(f"set ACL user {record.redis_username} on {node_name(client)}")
@@ -209,7 +209,7 @@ async def remove_tenant(
     username = acl.acl_username(keys, tenant)
     deleted_on: list[str] = []
     failures: list[str] = []
-    for client in nodes.all:
+    for client in await redis_call(nodes.every_node, "list the nodes"):
         try:
             if await acl.delete_user(client, username):
                 deleted_on.append(node_name(client))
