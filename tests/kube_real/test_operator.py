@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_sync
 import redis.asyncio as aioredis
 
 from engram.history import HistoryStore
@@ -87,6 +90,31 @@ def add_sessions(redis: OperatorRedis, tenant: str, count: int) -> None:
             await client.aclose()
 
     asyncio.run(add())
+
+
+@contextmanager
+def seen_command(redis: OperatorRedis, command: str) -> Iterator[threading.Event]:
+    """An event set when the server runs ``command`` (watched with MONITOR from a thread while the block runs)."""
+    seen, stop = threading.Event(), threading.Event()
+    client = redis_sync.Redis(port=redis.server.port, socket_timeout=0.2)
+
+    def watch(monitor: Any) -> None:
+        while not stop.is_set() and not seen.is_set():
+            try:
+                if monitor.next_command()["command"].startswith(command):
+                    seen.set()
+            except redis_sync.TimeoutError:
+                continue
+
+    with client.monitor() as monitor:
+        watcher = threading.Thread(target=watch, args=(monitor,), daemon=True)
+        watcher.start()
+        try:
+            yield seen
+        finally:
+            stop.set()
+            watcher.join(timeout=5)
+    client.close()
 
 
 def reconciled_events(plane: ControlPlane, name: str) -> list[dict[str, Any]]:
@@ -293,15 +321,21 @@ def test_another_writer_between_the_operators_read_and_write_is_handled(
     assert refused.returncode != 0 and "the object has been modified" in refused.stderr, refused.stderr
 
     redis = operator_redis.client()
-    redis.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
-    patch = json.dumps({"spec": {"tokenLimit": 1000}})
-    plane.kubectl("patch", "memorynamespace", "race", "-n", NAMESPACE, "--type=merge", "-p", patch)
-    time.sleep(1.0)  # the operator has read generation 2 and waits on Redis
-    patch = json.dumps({"spec": {"tokenLimit": 2000}, "metadata": {"labels": {"team": "b"}}})
-    plane.kubectl("patch", "memorynamespace", "race", "-n", NAMESPACE, "--type=merge", "-p", patch)
-    assert redis.hget(KEYS.tenant_record("race"), "token_limit") == str(TOKEN_LIMIT.default), (
-        "Redis paused: nothing applied yet"
-    )
+    redis.execute_command("CLIENT", "PAUSE", "20000", "WRITE")  # reads still answer; the operator's write waits
+    try:
+        with seen_command(operator_redis, f"HGETALL {KEYS.tenant_record('race')}") as read:
+            patch = json.dumps({"spec": {"tokenLimit": 1000}})
+            plane.kubectl("patch", "memorynamespace", "race", "-n", NAMESPACE, "--type=merge", "-p", patch)
+            # the operator read the record for generation 2: its write of it is next, held by the pause
+            assert read.wait(timeout=15), "the operator did not read the tenant record"
+        patch = json.dumps({"spec": {"tokenLimit": 2000}, "metadata": {"labels": {"team": "b"}}})
+        plane.kubectl("patch", "memorynamespace", "race", "-n", NAMESPACE, "--type=merge", "-p", patch)
+        assert redis.hget(KEYS.tenant_record("race"), "token_limit") == str(TOKEN_LIMIT.default), (
+            "Redis paused: nothing applied yet"
+        )
+    finally:
+        # well within the operator's 5 s socket timeout, so its held write succeeds (no retry merges the two)
+        redis.execute_command("CLIENT", "UNPAUSE")
 
     body = wait_ready(plane, "race", generation=3)
     handled = [line for line in local_operator.log_text().splitlines() if "[tenants/race] Handler" in line]
