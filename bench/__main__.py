@@ -1,5 +1,5 @@
 """`make bench`: the per-turn cost (bench.turn_cost), summary mode (bench.summary), end to end
-(bench.end_to_end), bursts on one replica (bench.burst), then the report
+(bench.end_to_end), bursts on one replica (bench.burst), Redis topologies (bench.topologies), then the report
 (bench.report: docs/benchmarks.md and docs/benchmarks.png), each in its own process with its defaults.
 
     python -m bench                    # everything, full size (several minutes; run it on a quiet machine)
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("turn_cost", "summary", "end_to_end", "burst", "report")
+PARTS = ("turn_cost", "summary", "end_to_end", "burst", "topologies", "report")
 
 
 def main() -> int:

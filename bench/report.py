@@ -1,5 +1,5 @@
 """Writes docs/benchmarks.md and docs/benchmarks.png from the JSON results of bench.turn_cost and
-bench.end_to_end (run them first; `make bench` runs all three)."""
+bench.end_to_end, and of bench.burst, bench.summary and bench.topologies when present (`make bench` runs them all)."""
 
 from __future__ import annotations
 
@@ -157,7 +157,10 @@ QUOTA_OVERHEAD_TARGET = 0.10  # issue 14: quotas live inside the calls a turn ma
 
 
 def targets_section(
-    rows: list[dict[str, Any]], e2e: dict[str, Any] | None, summary: dict[str, Any] | None = None
+    rows: list[dict[str, Any]],
+    e2e: dict[str, Any] | None,
+    summary: dict[str, Any] | None = None,
+    topologies: dict[str, Any] | None = None,
 ) -> list[str]:
     table = by_key(rows)
     lines = ["## Targets", "", "| target | where we stand | met |", "|---|---|---|", *flatness_rows(rows)]
@@ -208,6 +211,7 @@ def targets_section(
             f"{'yes' if worst <= RSS_TARGET_MIB else 'no'} |"
         )
     lines += summary_target(summary)
+    lines += topology_targets(topologies)
     sizes = sorted({r["size"] for r in rows})
     full = first_full_window(rows)
     if full is not None and full > sizes[0]:
@@ -405,17 +409,134 @@ def summary_section(summary: dict[str, Any]) -> list[str]:
     return [*out, ""]
 
 
+# Issue 11: Sentinel beside standalone (Redis Cluster is not supported yet, so not measured).
+TOPOLOGY_RATIO_TARGET = 1.3
+
+
+def topology_rows(topologies: dict[str, Any]) -> dict[tuple[int, str], dict[str, Any]]:
+    return {(r["size"], r["contender"]): r for r in topologies["rows"]}
+
+
+def sentinel_ratios(topologies: dict[str, Any]) -> dict[str, float]:
+    """Per durability, the worst (over sizes) sentinel median / standalone median at the same size."""
+    table = topology_rows(topologies)
+    worst: dict[str, float] = {}
+    for (size, name), row in table.items():
+        topology, _, durability = name.partition("/")
+        base = table.get((size, f"standalone/{durability}"))
+        if topology != "sentinel" or not base or not base.get("median_ms") or row.get("median_ms") is None:
+            continue
+        worst[durability] = max(worst.get(durability, 0.0), row["median_ms"] / base["median_ms"])
+    return worst
+
+
+def topology_targets(topologies: dict[str, Any] | None) -> list[str]:
+    if not topologies:
+        return []
+    lines = []
+    worst = sentinel_ratios(topologies)
+    if worst:
+        shown = ", ".join(f"{x:.2f}× with `{d}` commits" for d, x in worst.items())
+        met = max(worst.values()) <= TOPOLOGY_RATIO_TARGET
+        lines.append(
+            f"| sentinel per-turn cost ≤ {TOPOLOGY_RATIO_TARGET}× standalone's (same durability, worst size) | "
+            f"{shown} | {'yes' if met else 'no'} |"
+        )
+    trips = [r["round_trips"] for r in topologies["rows"] if r.get("round_trips") is not None]
+    if trips:
+        lines.append(
+            f"| round trips per turn 2.0 in every topology (standalone, sentinel; `local` and `replicated`) | "
+            f"{min(trips):.1f}–{max(trips):.1f} | {'yes' if min(trips) == max(trips) == 2 else 'no'} |"
+        )
+    return lines
+
+
+def topologies_section(topologies: dict[str, Any]) -> list[str]:
+    table = topology_rows(topologies)
+    sizes = sorted({r["size"] for r in topologies["rows"]})
+    names = list(dict.fromkeys(r["contender"] for r in topologies["rows"]))
+    out = [
+        "",
+        "## 7. Redis topologies",
+        "",
+        f"Engram's turn (load the window + commit the turn, one replica process's store, tail cache on: the "
+        f"`engram-hit` case of section 1) in each topology and commit durability, interleaved turn by turn in "
+        f"one run, {topologies['turns']:,} turns each per size. Setup: {topologies['setup']}. So what differs "
+        "between `standalone` and `sentinel` is the client path (redis-py's Sentinel-managed pool), not the "
+        "servers. `replicated` (`ENGRAM_COMMIT_DURABILITY=replicated`) pipelines `WAIT 1` with the commit; "
+        "`local` acknowledges once the primary ran it. Median / p99 in ms; × = median divided by "
+        "`standalone/local`'s at the same size.",
+        "",
+        "| topology / durability | "
+        + " | ".join(f"{s:,} msgs: median / p99 (×)" for s in sizes)
+        + " | round trips per turn (to Sentinels) | commands to the primary per turn |",
+        "|---|" + "---|" * (len(sizes) + 2),
+    ]
+    for name in names:
+        cells, trips, commands = [], "–", "–"
+        for size in sizes:
+            row = table.get((size, name))
+            if row is None or row.get("median_ms") is None:
+                cells.append("not run")
+                continue
+            cells.append(f"{fmt_ms(row['median_ms'])} / {fmt_ms(row['p99_ms'])} ({row['ratio']:.2f}×)")
+            if row.get("round_trips") is not None:
+                trips = f"{row['round_trips']:.1f} ({row['sentinel_round_trips']:.1f})"
+                commands = f"{row['commands']:.1f}"
+        out.append(f"| `{name}` | " + " | ".join(cells) + f" | {trips} | {commands} |")
+    local = [r for r in topologies["rows"] if r["durability"] == "local" and r.get("median_ms")]
+    costs = [
+        table[(r["size"], f"{r['topology']}/replicated")]["median_ms"] / r["median_ms"]
+        for r in local
+        if (table.get((r["size"], f"{r['topology']}/replicated")) or {}).get("median_ms")
+    ]
+    out += [
+        "",
+        f"Round trips are counted at the client ({topologies['counted_turns']} turns each, after the timed ones): "
+        "every send of one or more commands to any Redis process, primary or Sentinel, followed by reading "
+        "their replies is one round trip; a pipeline is one. Commands are counted on the primary (MONITOR, "
+        "Engram's connections only, commands run inside Engram's functions not counted): with `replicated` the "
+        "commit's `WAIT` is a third command, in the commit's round trip. The Sentinels are asked for the "
+        "primary only when a connection opens, so a warm replica sends them nothing per turn.",
+    ]
+    if costs:
+        out += [
+            "",
+            f"`replicated` costs {min(costs):.2f}–{max(costs):.2f}× `local` in the same topology: the "
+            "primary answers the commit's `WAIT` only once a replica acknowledged it.",
+        ]
+    if topologies.get("replicas"):
+        shown = ", ".join(f"{n}: {c}" for n, c in topologies["replicas"].items())
+        out += ["", f"Replicas connected to each primary at the end of the run: {shown}."]
+    if topologies.get("load_before"):
+        before, after = topologies["load_before"], topologies.get("load_after") or topologies["load_before"]
+        out.append(f"Load average (1 min) before / after: {before[0]:.2f} / {after[0]:.2f}.")
+    out += [
+        "",
+        "Everything runs on one 2-core machine over loopback: the replicas and Sentinels share the cores with "
+        "the primary and the client, and the replication latency `WAIT` pays is loopback's, not a network's "
+        "(across hosts or zones `replicated` adds at least one primary-to-replica round trip per commit). Not "
+        "measured here: Redis Cluster (not supported yet: `ENGRAM_REDIS_MODE=cluster` is refused at start), "
+        "the failover window and the turns a failover loses (tests/topologies measure those), a Sentinel's cost "
+        "while connections are reopened (after a failover or a dropped connection), and AOF (off on both sides "
+        "here; section 1 runs with AOF everysec).",
+    ]
+    return [*out, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--turn-cost", type=Path, default=RESULTS / "turn_cost.json")
     parser.add_argument("--end-to-end", type=Path, default=RESULTS / "end_to_end.json")
     parser.add_argument("--burst", type=Path, default=RESULTS / "burst.json")
     parser.add_argument("--summary", type=Path, default=RESULTS / "summary.json")
+    parser.add_argument("--topologies", type=Path, default=RESULTS / "topologies.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     rows = json.loads(args.turn_cost.read_text())
     e2e = json.loads(args.end_to_end.read_text()) if args.end_to_end.exists() else None
     png = args.out.with_suffix(".png")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, png)
     lines = [
         "# Benchmarks",
@@ -424,7 +545,8 @@ def main() -> None:
         "",
     ]
     summary = json.loads(args.summary.read_text()) if args.summary.exists() else None
-    lines += targets_section(rows, e2e, summary)
+    topologies = json.loads(args.topologies.read_text()) if args.topologies.exists() else None
+    lines += targets_section(rows, e2e, summary, topologies)
     lines += turn_cost_section(rows)
     lines += [f"![per-turn cost vs history length]({png.name})", ""]
     if e2e:
@@ -433,6 +555,8 @@ def main() -> None:
         lines += burst_section(json.loads(args.burst.read_text()))
     if summary:
         lines += summary_section(summary)
+    if topologies:
+        lines += topologies_section(topologies)
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out} and {png}")
 

@@ -1,5 +1,6 @@
 """`make bench` at tiny sizes, so the harness never rots: the per-turn cost at 10 and 100 messages, summary
-mode at 10 and 100, the three end-to-end stacks (2 replicas each, real HAProxy), and the report. Checks that
+mode at 10 and 100, the three end-to-end stacks (2 replicas each, real HAProxy), the Redis topologies
+(standalone and Sentinel, each with 2 replicas, local and replicated commits) at 100, and the report. Checks that
 every output is complete and sane; no timing is asserted (this machine's speed is not what is tested)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.contenders import ALL_CONTENDERS, ENGRAM
+from bench.topologies import CONTENDERS as TOPOLOGY_CONTENDERS
 
 REPO = Path(__file__).resolve().parents[2]
 SESSIONS, TURNS, REPLICAS = 4, 3, 2
@@ -87,6 +89,21 @@ def check_summary(result: dict[str, Any]) -> None:
     assert result["growth"]["from"] == 10 and result["growth"]["to"] == 100 and result["growth"]["ratio"] > 0
 
 
+def check_topologies(result: dict[str, Any]) -> None:
+    rows = {(row["size"], row["contender"]): row for row in result["rows"]}
+    assert set(rows) == {(100, name) for name in TOPOLOGY_CONTENDERS}
+    assert set(TOPOLOGY_CONTENDERS) == {f"{t}/{d}" for t in ("standalone", "sentinel") for d in ("local", "replicated")}
+    for row in rows.values():
+        assert row["turns"] == 3 and 0 < row["median_ms"] <= row["p99_ms"] and row["ratio"] > 0, row
+        assert row["window_messages"] == 50, row  # 3,000 tokens of ≈60-token messages
+        # one load, one commit, in every topology; a warm client does not ask the Sentinels per turn
+        assert row["round_trips"] == 2.0 and row["sentinel_round_trips"] == 0.0, row
+        # replicated: the commit's WAIT is a third command, sent in the commit's round trip
+        assert row["commands"] == (3.0 if row["durability"] == "replicated" else 2.0), row
+    assert rows[(100, "standalone/local")]["ratio"] == 1.0
+    assert result["replicas"] == {"standalone": 2, "sentinel": 2}  # `replicated` had replicas to wait for
+
+
 def check_report(markdown: str) -> None:
     assert "## Targets" in markdown and "| target | where we stand | met |" in markdown
     assert "| 2 Redis round trips per turn | 2.0–2.0 | yes |" in markdown
@@ -111,6 +128,13 @@ def check_report(markdown: str) -> None:
     assert "| summary mode: hot path at 100 ≤ 1.5× its cost at 10 |" in markdown
     assert "| `engram-summary` |" in markdown and "| `csmb+redis` |" in markdown
     assert "ChatSummaryMemoryBuffer" in markdown
+    assert "## 7. Redis topologies" in markdown
+    assert "| sentinel per-turn cost ≤ 1.3× standalone's (same durability, worst size) |" in markdown
+    every_topology = "| round trips per turn 2.0 in every topology (standalone, sentinel; `local` and `replicated`) |"
+    assert f"{every_topology} 2.0–2.0 | yes |" in markdown
+    for name in TOPOLOGY_CONTENDERS:
+        assert f"| `{name}` |" in markdown
+    assert "one 2-core machine over loopback" in markdown and "Redis Cluster" in markdown
 
 
 def test_bench_harness_at_tiny_sizes_writes_complete_results_and_report(tmp_path: Path) -> None:
@@ -124,10 +148,14 @@ def test_bench_harness_at_tiny_sizes_writes_complete_results_and_report(tmp_path
     finish(e2e, tmp_path / "e2e.log")
     check_turn_cost(json.loads(turn_cost.read_text()))
     check_end_to_end(json.loads(end_to_end.read_text()))
-    burst, summary = tmp_path / "burst.json", tmp_path / "summary.json"
+    burst, summary, topologies = tmp_path / "burst.json", tmp_path / "summary.json", tmp_path / "topologies.json"
     bursts = bench("burst", "--concurrency", "10,20", "--rounds", "1", "--json", str(burst), log=tmp_path / "b.log")
+    topology_args = ["--sizes", "100", "--turns", "3", "--json", str(topologies)]
+    topology_run = bench("topologies", *topology_args, log=tmp_path / "topo.log")  # beside the bursts: untimed
     finish(bursts, tmp_path / "b.log")
+    finish(topology_run, tmp_path / "topo.log")
     check_burst(json.loads(burst.read_text()))
+    check_topologies(json.loads(topologies.read_text()))
     summary_args = ["--sizes", "10,100", "--turns", "3", "--csmb-turns", "3", "--json", str(summary)]
     summaries = bench("summary", *summary_args, log=tmp_path / "s.log")
     finish(summaries, tmp_path / "s.log")
@@ -143,6 +171,8 @@ def test_bench_harness_at_tiny_sizes_writes_complete_results_and_report(tmp_path
         str(burst),
         "--summary",
         str(summary),
+        "--topologies",
+        str(topologies),
         "--out",
         str(out),
         log=tmp_path / "report.log",
