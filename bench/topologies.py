@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ import redis
 from redis.asyncio.connection import AbstractConnection
 
 from bench.contenders import TOKEN_LIMIT, TTL_SECONDS, Turn, message_text, role
-from bench.turn_cost import measure, p99
+from bench.turn_cost import measure, monitored_commands, p99
 from engram.connections import create_redis
 from engram.history import HistoryStore
 from engram.messages import NewMessage
@@ -104,35 +103,9 @@ async def engram_commands(run: Callable[[int], Awaitable[None]], port: int, firs
     """Commands Engram's clients (client name `engram`) sent the primary per turn (MONITOR; Lua's own calls
     excluded). Unlike bench.turn_cost's count, the Sentinels' and replicas' own traffic to the primary
     (PING, INFO, PUBLISH, REPLCONF) is left out: it is told apart by the client's name in CLIENT LIST."""
-    admin, marker = redis.Redis(port=port, decode_responses=True), redis.Redis(port=port)
-    marker.ping()
-    seen: list[tuple[str, str]] = []  # (client address, command)
-    with admin.monitor() as monitor:
-        done = threading.Event()
-
-        def collect() -> None:
-            while True:
-                try:
-                    for event in monitor.listen():
-                        if event["command"].startswith("ECHO engram-bench-end"):
-                            done.set()
-                            return
-                        if event.get("client_type") != "lua":
-                            address = f"{event['client_address']}:{event['client_port']}"
-                            seen.append((address, event["command"].split()[0].upper()))
-                except redis.TimeoutError:
-                    continue
-
-        reader = threading.Thread(target=collect, daemon=True)
-        reader.start()
-        await asyncio.sleep(0.2)  # let MONITOR attach
-        for n in range(turns):
-            await run(first_n + n)
-        marker.echo("engram-bench-end")
-        done.wait(timeout=60)
+    seen = await monitored_commands(run, port, first_n, turns)
     with redis.Redis(port=port, decode_responses=True) as client:
         engram = {c["addr"] for c in client.client_list() if c.get("name") == "engram"}
-    marker.close()
     return sum(1 for address, _ in seen if address in engram) / turns
 
 

@@ -117,11 +117,15 @@ async def redis_work(turn: Turn, port: int, first_n: int, turns: int = 3) -> tup
     return round_trips, bytes_in, bytes_out
 
 
-async def count_commands(run: Callable[[int], Awaitable[None]], port: int, first_n: int, turns: int = 3) -> float:
-    """Commands the client sent per turn (MONITOR), Lua's own calls excluded."""
-    admin, marker = redis.Redis(port=port), redis.Redis(port=port)
+async def monitored_commands(
+    run: Callable[[int], Awaitable[None]], port: int, first_n: int, turns: int = 3
+) -> list[tuple[str, str]]:
+    """(client address, command name) of every command clients sent while ``run`` ran ``turns`` turns
+    (MONITOR, read by a thread as they come: a long run must not pile up in the server's output buffer);
+    Lua's own calls excluded."""
+    admin, marker = redis.Redis(port=port, decode_responses=True), redis.Redis(port=port)
     marker.ping()
-    commands: list[str] = []
+    seen: list[tuple[str, str]] = []
     with admin.monitor() as monitor:
         done = threading.Event()
 
@@ -133,7 +137,8 @@ async def count_commands(run: Callable[[int], Awaitable[None]], port: int, first
                             done.set()
                             return
                         if event.get("client_type") != "lua":
-                            commands.append(event["command"].split()[0].upper())
+                            address = f"{event['client_address']}:{event['client_port']}"
+                            seen.append((address, event["command"].split()[0].upper()))
                 except redis.TimeoutError:
                     continue
 
@@ -144,7 +149,13 @@ async def count_commands(run: Callable[[int], Awaitable[None]], port: int, first
             await run(first_n + n)
         marker.echo("engram-bench-end")
         done.wait(timeout=60)
-    return len(commands) / turns
+    marker.close()
+    return seen
+
+
+async def count_commands(run: Callable[[int], Awaitable[None]], port: int, first_n: int, turns: int = 3) -> float:
+    """Commands the client sent per turn (MONITOR), Lua's own calls excluded."""
+    return len(await monitored_commands(run, port, first_n, turns)) / turns
 
 
 async def run(

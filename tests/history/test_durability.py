@@ -12,6 +12,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from engram.errors import NotReplicated, OutcomeUnknown, StoreUnavailable
 from engram.history import HistoryStore
+from testkit.monitor import commands_run
 from testkit.redis_server import RedisServer
 from testkit.sentinel import FAST_REPLICA, wait_until
 from tests.history.conftest import make_store
@@ -97,19 +98,8 @@ async def test_a_replicated_turn_costs_two_round_trips_and_waits_in_the_commits_
         await original(self, command, check_health)  # type: ignore[arg-type]
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
-    monitor, marker = redis.Redis(port=redis_server.port), redis.Redis(port=redis_server.port)
-    marker.ping()
-    seen: list[str] = []
-    with monitor.monitor() as m:
+    with commands_run(redis_server.port) as seen:
         await replicated.load_window("acme", "s1", 3000)
         await replicated.commit_turn("acme", "s1", "counted", "q", "a")
-        marker.ping()
-        for event in m.listen():
-            if event["command"] == "PING":
-                break
-            if event.get("client_type") != "lua":
-                seen.append(event["command"].split()[0].upper())
-    monitor.close()
-    marker.close()
     assert len(writes) == 2  # load; commit + WAIT pipelined
     assert seen == ["FCALL", "FCALL", "WAIT"]

@@ -20,6 +20,7 @@ from engram.history import HistoryStore
 from engram.history.cache import drop_unanswerable_start, fit_budget
 from engram.messages import NewMessage
 from engram.policy import Policy
+from testkit.monitor import commands_run
 from testkit.redis_server import RedisServer
 from tests.history.conftest import make_store
 
@@ -256,18 +257,9 @@ async def test_a_turn_costs_two_commands_at_the_server(
     for n in range(3):  # warm up: connection handshake, function library loaded
         await store.load_window("acme", "s1", 3000, policy=policy)
         await store.commit_turn("acme", "s1", f"warm{n}", "q", "a", policy)
-    monitor, marker = redis.Redis(port=redis_server.port), redis.Redis(port=redis_server.port)
-    marker.ping()  # connect now, so its handshake is not seen below
-    seen: list[str] = []
-    with monitor.monitor() as m:
+    with commands_run(redis_server.port) as seen:
         await store.load_window("acme", "s1", 3000, policy=policy)
         await store.commit_turn("acme", "s1", "counted", "q", "a", policy)
-        marker.ping()  # stop reading here
-        for event in m.listen():
-            if event["command"] == "PING":
-                break
-            if event.get("client_type") != "lua":
-                seen.append(event["command"].split()[0].upper())
     assert seen == ["FCALL", "FCALL"]  # load (write-checked, counts the rate), commit (checks the quotas)
 
 

@@ -8,14 +8,13 @@ import asyncio
 import re
 from collections.abc import Sequence
 
-import redis
-
 from engram.echo import echo_summary
 from engram.history import HistoryStore
 from engram.history.summary import SummaryBudget, advance_summary
 from engram.messages import NewMessage, StoredMessage
 from engram.policy import Policy
 from engram.tokens import default_tokenizer
+from testkit.monitor import commands_run
 from testkit.redis_server import RedisServer
 
 BUDGET = SummaryBudget(summary_tokens=4000, window_tokens=60)  # ~10 short messages in the window
@@ -60,18 +59,9 @@ async def test_the_load_returns_the_summary_in_its_one_round_trip(
     for n in range(3):  # warm up
         await store.load_window("acme", "s1", BUDGET.window_tokens, summary_batch=4)
         await store.commit_turn("acme", "s1", f"warm{n}", "q", "a")
-    monitor, marker = redis.Redis(port=redis_server.port), redis.Redis(port=redis_server.port)
-    marker.ping()
-    seen: list[str] = []
-    with monitor.monitor() as m:
+    with commands_run(redis_server.port) as seen:
         window = await store.load_window("acme", "s1", BUDGET.window_tokens, summary_batch=4)
         await store.commit_turn("acme", "s1", "counted", "q", "a")
-        marker.ping()
-        for event in m.listen():
-            if event["command"] == "PING":
-                break
-            if event.get("client_type") != "lua":
-                seen.append(event["command"].split()[0].upper())
     assert seen == ["FCALL", "FCALL"]
     assert window.summary is not None and window.summary.messages_covered > 0
     assert window.summary.text.startswith("[summary of ")

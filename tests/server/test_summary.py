@@ -11,7 +11,6 @@ import time
 from collections.abc import Sequence
 
 import httpx
-import redis
 from prometheus_client import REGISTRY
 
 from engram.echo import echo_summary
@@ -25,6 +24,7 @@ from engram.server.summaries import BackgroundSummaries, SummaryMemory
 from engram.server.turn import NullMemory, SessionMemory, TurnContext, TurnRequest, load, prompt, validate
 from engram.settings import Settings
 from engram.tokens import default_tokenizer
+from testkit.monitor import commands_run
 from testkit.redis_server import RedisServer
 from tests.history.conftest import make_store
 from tests.reliability.fake_model import FakeModel
@@ -112,17 +112,8 @@ def test_a_turn_in_summary_mode_costs_two_redis_commands(make_service: MakeServi
     service = make_service(redis_server.url, **SUMMARY_ENV).start()
     for n in range(3):  # warm up: connections, function library
         assert chat(service.url, "count-1", f"warm {n}").status_code == 200
-    monitor, marker = redis.Redis(port=redis_server.port), redis.Redis(port=redis_server.port)
-    marker.ping()
-    seen: list[str] = []
-    with monitor.monitor() as m:
+    with commands_run(redis_server.port) as seen:
         assert chat(service.url, "count-1", "counted").status_code == 200
-        marker.ping()
-        for event in m.listen():
-            if event["command"] == "PING":
-                break
-            if event.get("client_type") != "lua":
-                seen.append(event["command"].split()[0].upper())
     assert seen == ["FCALL", "FCALL"]  # the load (with the summary), the commit
 
 
