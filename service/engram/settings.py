@@ -153,7 +153,8 @@ class Settings(BaseSettings):
             raise ValueError("ENGRAM_REDIS_MODE=sentinel needs ENGRAM_REDIS_SENTINELS (host:port,host:port,...)")
         if self.redis_mode == "standalone" and self.sentinel_addresses:
             raise ValueError("ENGRAM_REDIS_SENTINELS is set but ENGRAM_REDIS_MODE is standalone: set it to sentinel")
-        if self.commit_replica_timeout_ms >= self.redis_socket_timeout * 1000:
+        replicated = self.commit_durability == "replicated"
+        if replicated and self.commit_replica_timeout_ms >= self.redis_socket_timeout * 1000:
             raise ValueError(
                 f"ENGRAM_COMMIT_REPLICA_TIMEOUT_MS ({self.commit_replica_timeout_ms}) must be below "
                 f"ENGRAM_REDIS_SOCKET_TIMEOUT ({self.redis_socket_timeout} s): the commit waits for replicas "

@@ -82,7 +82,7 @@ def test_missing_or_other_authorization_is_refused(header: str | None) -> None:
             "ENGRAM_COMMIT_DURABILITY: Input should be 'local' or 'replicated'",
         ),
         (
-            {"ENGRAM_COMMIT_REPLICA_TIMEOUT_MS": "6000"},
+            {"ENGRAM_COMMIT_DURABILITY": "replicated", "ENGRAM_COMMIT_REPLICA_TIMEOUT_MS": "6000"},
             "ENGRAM_COMMIT_REPLICA_TIMEOUT_MS (6000) must be below ENGRAM_REDIS_SOCKET_TIMEOUT",
         ),
     ],
