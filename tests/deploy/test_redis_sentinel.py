@@ -230,6 +230,7 @@ class Pod:
             "REDIS_DATA_DIR": str(self.root / "data"),
             "REDIS_PRIMARY_HOST": REDIS_HOSTS[0],
             "SENTINEL_HOSTS": " ".join(SENTINEL_HOSTS),
+            "REDIS_POD_HOSTS": " ".join(REDIS_HOSTS),
             **self.extra_env,
         }
         if LEAK_MARKER in os.environ:  # so that a leftover process is found by the suite's leak check
@@ -275,6 +276,11 @@ class Topology:
 
     def node(self, host: str) -> Pod:
         return next(pod for pod in self.redis if pod.host == host)
+
+    def primary(self) -> Pod:
+        """The pod the Sentinels agree is the primary."""
+        ((host, _port),) = self.primaries()
+        return self.node(host)
 
     def primaries(self) -> set[tuple[str, int]]:
         """What every Sentinel answers for the primary (one element once they agree)."""
@@ -363,8 +369,7 @@ def test_fresh_install_makes_pod_0_the_primary_that_every_sentinel_agrees_on(top
 
 
 def test_chart_users_work_on_every_node_and_the_sentinel_user_only_does_sentinel_work(topology: Topology) -> None:
-    primary = topology.node(REDIS_HOSTS[0])
-    primary.admin().hset("engram:_sys:tenant:acme", "policy", "p1")
+    topology.primary().admin().hset("engram:_sys:tenant:acme", "policy", "p1")
     for pod in topology.redis:
         assert pod.client(SERVICE, SERVICE_PASSWORD).ping()
         wait_until(lambda pod=pod: pod.admin().hget("engram:_sys:tenant:acme", "policy") == "p1", 10, "replication")  # type: ignore[misc]
@@ -393,7 +398,7 @@ def test_chart_users_work_on_every_node_and_the_sentinel_user_only_does_sentinel
 
 
 def test_failover_then_restarted_pods_find_the_current_primary_from_the_sentinels(topology: Topology) -> None:
-    old = topology.node(REDIS_HOSTS[0])
+    old = topology.primary()  # pod 0 when the tests run in order
     # A failover run by the Sentinels with the chart's "sentinel" user (MULTI, REPLICAOF, CONFIG REWRITE, ...).
     assert topology.sentinels[0].sentinel().execute_command("SENTINEL", "FAILOVER", MASTER) in (True, "OK")
 
@@ -419,14 +424,18 @@ def test_failover_then_restarted_pods_find_the_current_primary_from_the_sentinel
     except TimeoutError as error:
         raise AssertionError(f"{error}\n{topology.logs()}") from error
 
-    # Pod 0 restarts (its fallback would be "pod 0 is the primary"): start.sh asks the Sentinels instead.
+    # The old primary restarts (for pod 0 the fallback is "pod 0 is the primary"): start.sh asks the Sentinels.
     old.stop()
     old.start()
-    wait_until(lambda: old.admin().ping(), 15, "pod 0 answers again")
+    wait_until(lambda: old.admin().ping(), 15, "the old primary answers again")
     run_conf = (old.root / "run" / "redis.conf").read_text().splitlines()
     assert f"replicaof {promoted} {topology.redis_port}" in run_conf, old.log()
     topology.node(promoted).admin().hset("engram:_sys:tenant:acme", "policy", "after-restart")
-    wait_until(lambda: old.admin().hget("engram:_sys:tenant:acme", "policy") == "after-restart", 30, "pod 0 follows it")
+    wait_until(
+        lambda: old.admin().hget("engram:_sys:tenant:acme", "policy") == "after-restart",
+        30,
+        "the old primary follows it",
+    )
     with pytest.raises(redis.ResponseError, match="read only replica"):
         old.admin().hset("engram:x", "f", "v")
 
@@ -466,3 +475,28 @@ def test_failover_then_restarted_pods_find_the_current_primary_from_the_sentinel
 
     assert asyncio.run(write_as_service()) == "1"
     assert topology.node(promoted).admin().exists("engram:acme:{acme:s1}:meta") == 1
+
+
+def test_with_every_sentinel_down_restarted_pods_and_sentinels_find_the_primary_by_role(topology: Topology) -> None:
+    primary = topology.primary()
+    replica = next(pod for pod in topology.redis if pod is not primary)
+    for sentinel in topology.sentinels:
+        sentinel.stop()
+    # No Sentinel answers: the restarted replica asks the other pods for their ROLE, not "pod 0 is primary".
+    replica.stop()
+    replica.start()
+    wait_until(lambda: replica.admin().ping(), 15, "the replica answers again")
+    assert f"replicaof {primary.host} {topology.redis_port}" in (replica.root / "run" / "redis.conf").read_text()
+    assert "says it is the primary" in replica.log()
+    primary.admin().hset("engram:_sys:tenant:acme", "policy", "no-sentinels")
+    wait_until(lambda: replica.admin().hget("engram:_sys:tenant:acme", "policy") == "no-sentinels", 30, "replication")
+    # The Sentinels come back one by one; the first finds no other Sentinel and asks the pods as well.
+    for sentinel in topology.sentinels:
+        sentinel.start()
+    try:
+        wait_until(lambda: topology.settled(primary.host), 60, "the restarted Sentinels to agree on the primary")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{topology.logs()}") from error
+    for sentinel in topology.sentinels:
+        monitor = f"sentinel monitor {MASTER} {primary.host} {topology.redis_port} 2"
+        assert monitor in (sentinel.root / "run" / "sentinel.conf").read_text()

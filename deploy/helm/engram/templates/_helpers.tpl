@@ -145,6 +145,18 @@ engram.redis.sentinels: ENGRAM_REDIS_SENTINELS, "host:port,host:port,...".
 {{- end }}
 
 {{/*
+engram.redis.podHostList: every Redis pod's stable DNS name, space-separated (sentinel mode's start scripts
+ask them for their ROLE when no Sentinel answers).
+*/}}
+{{- define "engram.redis.podHostList" -}}
+{{- $hosts := list }}
+{{- range $i := until (int (add1 .Values.redis.replicas)) }}
+{{- $hosts = append $hosts (printf "%s-%d.%s.%s.svc" (include "engram.redis.fullname" $) $i (include "engram.redis.headless" $) $.Release.Namespace) }}
+{{- end }}
+{{- join " " $hosts }}
+{{- end }}
+
+{{/*
 engram.redis.primaryHost: pod 0's stable DNS name: the primary of a fresh install, and the one replicas
 follow when no Sentinel answers yet.
 */}}
