@@ -65,6 +65,14 @@ def prepare_for(plane: ControlPlane, values: Path, namespace: str) -> None:
             "--from-literal=service-username=engram-service", "--from-literal=service-password=s",
         )  # fmt: skip
         plane.kubectl("create", "secret", "generic", "vllm-api-key", "-n", namespace, "--from-literal=api-key=k")
+    if values.name == "external-sentinel-values.yaml":
+        # The Sentinel-managed Redis' credentials, with the Sentinels' password, are the user's Secret.
+        plane.kubectl(
+            "create", "secret", "generic", "engram-redis-credentials", "-n", namespace,
+            "--from-literal=admin-username=engram-admin", "--from-literal=admin-password=a",
+            "--from-literal=service-username=engram-service", "--from-literal=service-password=s",
+            "--from-literal=sentinel-password=p",
+        )  # fmt: skip
     if values.name == "ha-redis-values.yaml":
         # It names StorageClass "standard" (kind's and several clouds' default): this cluster provides one, with
         # static volumes big enough for its 20Gi claims (no provisioner exists here).
@@ -160,8 +168,11 @@ def test_helm_install_wait_with_each_ci_values_file_then_uninstall_leaves_nothin
     installed = plane.get("memorynamespaces", "-n", release.namespace)["items"]
     assert sorted(m["metadata"]["name"] for m in installed) == sorted(samples)
 
-    if name == "external-redis":
+    if name in ("external-redis", "external-sentinel"):
         assert not workloads["statefulsets"], "no bundled Redis with an external one"
+    if name == "sentinel":
+        ready = {s["metadata"]["name"]: s["status"]["readyReplicas"] for s in workloads["statefulsets"]}
+        assert ready == {f"{release.fullname}-redis": 3, f"{release.fullname}-sentinel": 3}, ready
     if name == "ha-redis":
         [redis] = workloads["statefulsets"]
         assert redis["status"]["readyReplicas"] == 3  # the primary and 2 replicas

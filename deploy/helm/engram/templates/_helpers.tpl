@@ -88,6 +88,83 @@ engram.chat.fullname / operator / redis: object names per component.
 {{- end }}
 
 {{/*
+engram.redis.sentinel.fullname / headless: the Sentinels' StatefulSet and headless Service (redis.mode=sentinel).
+*/}}
+{{- define "engram.redis.sentinel.fullname" -}}
+{{- printf "%s-sentinel" (include "engram.fullname" .) }}
+{{- end }}
+
+{{- define "engram.redis.sentinel.headless" -}}
+{{- printf "%s-sentinel-headless" (include "engram.fullname" .) }}
+{{- end }}
+
+{{/*
+engram.redis.mode: the topology (standalone or sentinel), checked. Redis Cluster is refused with a message,
+and the bundled sentinel mode needs at least two replicas (one to promote, one more to keep a copy).
+*/}}
+{{- define "engram.redis.mode" -}}
+{{- $mode := .Values.redis.mode | default "standalone" }}
+{{- if eq $mode "cluster" }}
+{{- fail "redis.mode=cluster (Redis Cluster) is not supported by the chart yet: use redis.mode=standalone or sentinel" }}
+{{- end }}
+{{- if and (eq $mode "sentinel") .Values.redis.enabled (lt (int .Values.redis.replicas) 2) }}
+{{- fail (printf "redis.mode=sentinel needs redis.replicas >= 2 (got %d): a failover promotes one replica and keeps another" (int .Values.redis.replicas)) }}
+{{- end }}
+{{- if and (eq $mode "sentinel") (not .Values.redis.enabled) (empty .Values.externalRedis.sentinel.hosts) }}
+{{- fail "redis.mode=sentinel with redis.enabled=false needs externalRedis.sentinel.hosts (host:port of each Sentinel)" }}
+{{- end }}
+{{- $mode }}
+{{- end }}
+
+{{/*
+engram.redis.sentinel.hosts: the Sentinels' stable DNS names (bundled: one per pod of the Sentinel StatefulSet),
+as a list of host names without port.
+*/}}
+{{- define "engram.redis.sentinel.hostList" -}}
+{{- $hosts := list }}
+{{- range $i := until (int .Values.redis.sentinel.replicas) }}
+{{- $hosts = append $hosts (printf "%s-%d.%s.%s.svc" (include "engram.redis.sentinel.fullname" $) $i (include "engram.redis.sentinel.headless" $) $.Release.Namespace) }}
+{{- end }}
+{{- join " " $hosts }}
+{{- end }}
+
+{{/*
+engram.redis.sentinels: ENGRAM_REDIS_SENTINELS, "host:port,host:port,...".
+*/}}
+{{- define "engram.redis.sentinels" -}}
+{{- if .Values.redis.enabled }}
+{{- $port := int .Values.redis.sentinel.port }}
+{{- $addresses := list }}
+{{- range $host := splitList " " (include "engram.redis.sentinel.hostList" .) }}
+{{- $addresses = append $addresses (printf "%s:%d" $host $port) }}
+{{- end }}
+{{- join "," $addresses }}
+{{- else }}
+{{- join "," .Values.externalRedis.sentinel.hosts }}
+{{- end }}
+{{- end }}
+
+{{/*
+engram.redis.podHostList: every Redis pod's stable DNS name, space-separated (sentinel mode's start scripts
+ask them for their ROLE when no Sentinel answers).
+*/}}
+{{- define "engram.redis.podHostList" -}}
+{{- $hosts := list }}
+{{- range $i := until (int (add1 .Values.redis.replicas)) }}
+{{- $hosts = append $hosts (printf "%s-%d.%s.%s.svc" (include "engram.redis.fullname" $) $i (include "engram.redis.headless" $) $.Release.Namespace) }}
+{{- end }}
+{{- join " " $hosts }}
+{{- end }}
+
+{{/*
+engram.redis.primaryHost: pod 0's stable DNS name: the primary of a fresh install, and the one replicas
+follow when no Sentinel answers yet.
+*/}}
+{{- define "engram.redis.primaryHost" -}}
+{{- printf "%s-0.%s.%s.svc" (include "engram.redis.fullname" .) (include "engram.redis.headless" .) .Release.Namespace }}
+{{- end }}
+
+{{/*
 engram.chat.serviceAccountName / engram.operator.serviceAccountName: the ServiceAccount each workload
 runs as. The chat service needs no Kubernetes API access; the operator's is bound to its RBAC.
 */}}
@@ -126,7 +203,10 @@ engram.redis.url: the URL of the Redis primary that the chat service and the ope
 bundled Redis it is the "<fullname>-redis" Service, which always selects pod 0 (the primary).
 */}}
 {{- define "engram.redis.url" -}}
-{{- if .Values.redis.enabled }}
+{{- if and .Values.redis.enabled (eq (include "engram.redis.mode" .) "sentinel") }}
+{{- /* The Sentinels give the primary; the URL only gives the database. */ -}}
+{{- printf "redis://%s.%s.svc:%d/0" (include "engram.redis.headless" .) .Release.Namespace (int .Values.redis.service.port) }}
+{{- else if .Values.redis.enabled }}
 {{- printf "redis://%s.%s.svc:%d/0" (include "engram.redis.fullname" .) .Release.Namespace (int .Values.redis.service.port) }}
 {{- else }}
 {{- required "externalRedis.url is required when redis.enabled=false" .Values.externalRedis.url }}
@@ -138,7 +218,9 @@ engram.redis.replicaUrls: comma-separated URLs of every replica. The operator ap
 to each of them, because Redis does not replicate ACLs.
 */}}
 {{- define "engram.redis.replicaUrls" -}}
-{{- if .Values.redis.enabled }}
+{{- if eq (include "engram.redis.mode" .) "sentinel" }}
+{{- /* none: in sentinel mode the operator asks the Sentinels for every node */ -}}
+{{- else if .Values.redis.enabled }}
 {{- $urls := list }}
 {{- range $i := untilStep 1 (int (add1 .Values.redis.replicas)) 1 }}
 {{- $urls = append $urls (printf "redis://%s-%d.%s.%s.svc:%d/0" (include "engram.redis.fullname" $) $i (include "engram.redis.headless" $) $.Release.Namespace (int $.Values.redis.service.port)) }}
@@ -165,10 +247,45 @@ engram.commonEnv: the environment every Engram process (chat service, operator) 
 how to log in, and the key namespace.
 */}}
 {{- define "engram.commonEnv" -}}
+{{- $mode := include "engram.redis.mode" . }}
 - name: ENGRAM_REDIS_URL
   value: {{ include "engram.redis.url" . | quote }}
 - name: ENGRAM_NAMESPACE
   value: {{ .Values.config.keyNamespace | quote }}
+- name: ENGRAM_REDIS_MODE
+  value: {{ $mode | quote }}
+{{- if eq $mode "sentinel" }}
+- name: ENGRAM_REDIS_SENTINELS
+  value: {{ include "engram.redis.sentinels" . | quote }}
+- name: ENGRAM_REDIS_SENTINEL_SERVICE
+  value: {{ ternary .Values.redis.sentinel.masterName .Values.externalRedis.sentinel.masterName .Values.redis.enabled | quote }}
+{{- if .Values.redis.enabled }}
+- name: ENGRAM_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "engram.redis.secretName" . }}
+      key: sentinel-password
+{{- else }}
+{{- with .Values.externalRedis.sentinel.usernameKey }}
+- name: ENGRAM_REDIS_SENTINEL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "engram.redis.secretName" $ }}
+      key: {{ . }}
+{{- end }}
+{{- with .Values.externalRedis.sentinel.passwordKey }}
+- name: ENGRAM_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "engram.redis.secretName" $ }}
+      key: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+- name: ENGRAM_COMMIT_DURABILITY
+  value: {{ .Values.config.commitDurability | default (ternary "replicated" "local" (eq $mode "sentinel")) | quote }}
+- name: ENGRAM_COMMIT_REPLICA_TIMEOUT_MS
+  value: {{ .Values.config.commitReplicaTimeoutMs | quote }}
 {{- end }}
 
 {{/*
