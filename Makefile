@@ -24,7 +24,7 @@ help: ## List every target with what it does
 ##@ Development
 
 .PHONY: install
-install: ## Install uv (if missing), Python deps from uv.lock into .venv, and redis-server/haproxy/chromium
+install: ## Install uv (if missing), Python deps from uv.lock into .venv, and redis-server/redis-sentinel/haproxy/chromium
 	@uv="$$(scripts/ensure-uv.sh)"; echo "$$uv sync --frozen --quiet --compile-bytecode"; "$$uv" sync --frozen --quiet --compile-bytecode
 	scripts/ensure-system-packages.sh
 
