@@ -149,7 +149,7 @@ log "kwok built in $(($(date +%s) - kwok_start)) s"
 cd "$CACHE_ROOT"
 for b in "${BINARIES[@]}"; do [[ -x "$WORK/bin/$b" ]] || { log "missing $b after build"; exit 1; }; done
 "$WORK/bin/kube-apiserver" --version >&2
-"$WORK/bin/etcd" --version | head -n 1 >&2
+"$WORK/bin/etcd" --version | sed -n 1p >&2  # (sed reads it all: head could end etcd with SIGPIPE, 141 under pipefail)
 printf 'k8s=%s\netcd=%s\nkwok=%s\ngo=%s\nbuild_seconds=%s\n' "$K8S_VERSION" "$ETCD_VERSION" "$KWOK_VERSION" \
   "$("$GO" env GOVERSION)" "$(($(date +%s) - start_all))" >"$WORK/.complete"
 # Keep only bin/ and the stamp; the generated modules are throwaway.

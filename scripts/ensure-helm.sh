@@ -80,5 +80,5 @@ if [[ "$INSTALLED" != "$HELM_VERSION" ]]; then
   log "installed helm reports $INSTALLED, expected $HELM_VERSION"
   exit 2
 fi
-log "installed helm $INSTALLED and $("$BIN_DIR/kubectl" version --client 2>/dev/null | head -n1) into $BIN_DIR"
+log "installed helm $INSTALLED and $("$BIN_DIR/kubectl" version --client 2>/dev/null | sed -n 1p) into $BIN_DIR"
 echo "$BIN_DIR"
