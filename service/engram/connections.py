@@ -16,6 +16,7 @@ adapter reconnects through the Sentinels too (:func:`sentinel_url_of`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -57,18 +58,23 @@ def is_sentinel_url(url: str | None) -> bool:
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
-    """``redis+sentinel://[user[:password]@]host:port[,host:port...]/<service>[/<db>]``."""
-    parts = urlsplit(url)
-    hosts = parts.netloc.rpartition("@")[2]
+    """``redis+sentinel://[user[:password]@]host:port[,host:port...]/<service>[/<db>]``.
+
+    Split by hand, not with ``urlsplit``: a netloc of several hosts is no URL netloc, and Python versions
+    disagree about it (3.11.4+ refuses ``a:1,[::1]:2`` as an invalid IPv6 URL, earlier ones took it)."""
+    expected = f"{SENTINEL_SCHEME}://host:port[,host:port]/<service>[/<db>]"
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme.lower() != SENTINEL_SCHEME:
+        raise ValueError(f"invalid {SENTINEL_SCHEME} URL: expected {expected}")
+    netloc, _, path_part = rest.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
     try:
         sentinels = parse_host_ports(hosts)
     except ValueError as error:
         raise ValueError(f"invalid {SENTINEL_SCHEME} URL: {error}") from None
-    path = [segment for segment in parts.path.split("/") if segment]
+    path = [segment for segment in re.split(r"[?#]", path_part, maxsplit=1)[0].split("/") if segment]
     if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        expected = f"{SENTINEL_SCHEME}://host:port[,host:port]/<service>[/<db>]"
         raise ValueError(f"invalid {SENTINEL_SCHEME} URL: expected {expected}")
-    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
     username, _, password = userinfo.partition(":")
     return SentinelTarget(
         sentinels=sentinels,
