@@ -97,3 +97,22 @@ class RedisServer:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def commands_known(root: Path, commands: set[str]) -> set[str]:
+    """Those of ``commands`` this redis-server knows (ACL SETUSER refuses unknown ones; Debian's 7.0 lacks
+    e.g. ``client|setinfo``), asked of a scratch server started in ``root``."""
+    server = RedisServer(root).start()
+    try:
+        client = redis.Redis(port=server.port)
+        known = set()
+        for command in commands:
+            try:
+                client.execute_command("ACL", "SETUSER", "probe", f"+{command}")
+                known.add(command)
+            except redis.ResponseError:
+                pass
+        client.close()
+    finally:
+        server.stop()
+    return known

@@ -25,7 +25,7 @@ import yaml
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from testkit.redis_server import RedisServer, free_port
+from testkit.redis_server import commands_known, free_port
 from tests.deploy.conftest import CHART, RELEASE, helm, render
 
 ADMIN, ADMIN_PASSWORD = "engram-admin", "admin-secret-1"
@@ -104,21 +104,7 @@ def known_commands(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: run `make install` (Debian package redis-server)")
     acl = chart_values()["redis"]["acl"]
-    wanted = {*acl["serviceCommands"], *acl["adminCommands"]}
-    server = RedisServer(tmp_path_factory.mktemp("scratch")).start()
-    try:
-        client = redis.Redis(port=server.port)
-        known = set()
-        for command in wanted:
-            try:
-                client.execute_command("ACL", "SETUSER", "probe", f"+{command}")
-                known.add(command)
-            except redis.ResponseError:
-                pass
-        client.close()
-    finally:
-        server.stop()
-    return known
+    return commands_known(tmp_path_factory.mktemp("scratch"), {*acl["serviceCommands"], *acl["adminCommands"]})
 
 
 @dataclass

@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from testkit.processes import LEAK_MARKER, stop_process
-from testkit.redis_server import RedisServer, free_port
+from testkit.redis_server import commands_known, free_port
 from testkit.sentinel import wait_until
 from tests.deploy.conftest import CHART, RELEASE, helm, render
 
@@ -160,20 +160,7 @@ def test_network_policies_open_26379_to_chat_operator_redis_and_sentinels_only()
 def known_commands(root: Path) -> set[str]:
     """The allow-list commands this redis-server knows (ACL SETUSER rejects unknown ones)."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())["redis"]["acl"]
-    server = RedisServer(root).start()
-    try:
-        client = redis.Redis(port=server.port)
-        known = set()
-        for command in {*values["serviceCommands"], *values["adminCommands"]}:
-            try:
-                client.execute_command("ACL", "SETUSER", "probe", f"+{command}")
-                known.add(command)
-            except redis.ResponseError:
-                pass
-        client.close()
-    finally:
-        server.stop()
-    return known
+    return commands_known(root, {*values["serviceCommands"], *values["adminCommands"]})
 
 
 def render_config(conf: Path, redis_port: int, sentinel_port: int, known: set[str]) -> None:
