@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def port_is_free(port: int) -> bool:
@@ -116,3 +118,16 @@ def commands_known(root: Path, commands: set[str]) -> set[str]:
     finally:
         server.stop()
     return known
+
+
+def strict_client(host: str, port: int, username: str | None, password: str | None) -> redis.Redis:
+    """A client that never retries and gives up after 2 s: what an ACL test needs to see a refusal as it is."""
+    return redis.Redis(
+        host=host,
+        port=port,
+        username=username,
+        password=password,
+        socket_timeout=2,
+        decode_responses=True,
+        retry=Retry(NoBackoff(), 0),
+    )

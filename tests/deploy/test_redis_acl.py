@@ -22,10 +22,8 @@ from typing import Any
 import pytest
 import redis
 import yaml
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from testkit.redis_server import commands_known, free_port
+from testkit.redis_server import commands_known, free_port, strict_client
 from tests.deploy.conftest import CHART, RELEASE, helm, render
 
 ADMIN, ADMIN_PASSWORD = "engram-admin", "admin-secret-1"
@@ -201,15 +199,7 @@ class RedisPod:
         return (self.auth / "admin-password").read_text()
 
     def client(self, username: str | None, password: str | None) -> redis.Redis:
-        return redis.Redis(
-            host=self.host,
-            port=self.port,
-            username=username,
-            password=password,
-            socket_timeout=2,
-            decode_responses=True,
-            retry=Retry(NoBackoff(), 0),
-        )
+        return strict_client(self.host, self.port, username, password)
 
     def probe(self, mode: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

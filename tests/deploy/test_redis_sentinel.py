@@ -22,11 +22,9 @@ from typing import Any
 import pytest
 import redis
 import yaml
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from testkit.processes import LEAK_MARKER, stop_process
-from testkit.redis_server import commands_known, free_port
+from testkit.redis_server import commands_known, free_port, strict_client
 from testkit.sentinel import wait_until
 from tests.deploy.conftest import CHART, RELEASE, helm, render
 
@@ -237,15 +235,7 @@ class Pod:
         return (self.root / "log").read_text(errors="replace")
 
     def client(self, username: str | None, password: str) -> redis.Redis:
-        return redis.Redis(
-            host=self.host,
-            port=self.port,
-            username=username,
-            password=password,
-            socket_timeout=2,
-            decode_responses=True,
-            retry=Retry(NoBackoff(), 0),
-        )
+        return strict_client(self.host, self.port, username, password)
 
     def admin(self) -> redis.Redis:
         return self.client(ADMIN, ADMIN_PASSWORD)
