@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from testkit.cluster import ClusterTopology
 from testkit.processes import LEAK_MARKER, ProcessInfo, tagged_processes
 from testkit.redis_server import RedisServer
 
@@ -88,3 +89,23 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
+    """One real Redis Cluster (3 primaries, 3 replicas) for the tests that run on every topology; started
+    on first use. Tests get it empty through :func:`redis_cluster`. Tests that break a cluster (kill,
+    reshard) start their own ClusterTopology."""
+    cluster = ClusterTopology(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(shared_redis_cluster: ClusterTopology) -> ClusterTopology:
+    """The shared cluster with no keys (FLUSHALL on every primary; the function library stays)."""
+    shared_redis_cluster.wait_healthy()
+    for node in shared_redis_cluster.primaries():
+        with node.client() as client:
+            client.flushall()
+    return shared_redis_cluster

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from kubernetes_asyncio import client, config
 
+from engram.connections import key_space
 from engram.errors import StoreUnavailable
 from engram.redis_keys import KeySpace
 from engram.settings import Settings
@@ -60,7 +61,7 @@ class Runtime:
         api = await kubernetes_client()
         return cls(
             settings=settings,
-            keys=KeySpace(settings.namespace),
+            keys=key_space(settings),
             nodes=RedisNodes.from_settings(settings),
             api=api,
             core=client.CoreV1Api(api),

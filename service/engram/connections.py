@@ -1,17 +1,21 @@
 """Redis clients configured the way Engram expects: bounded timeouts, so an unreachable Redis turns
 into a clear error (HTTP 503) instead of a hang, and a burst waits for a connection instead of failing.
 
-Two topologies, one entry point (:func:`create_redis`), chosen by ``ENGRAM_REDIS_MODE``:
+Three topologies, one entry point (:func:`create_redis`), chosen by ``ENGRAM_REDIS_MODE``:
 
 - ``standalone``: ``ENGRAM_REDIS_URL`` is the primary.
 - ``sentinel``: redis-py's own asyncio Sentinel client asks ``ENGRAM_REDIS_SENTINELS`` for the primary of
   ``ENGRAM_REDIS_SENTINEL_SERVICE`` whenever it opens a connection, and drops connections to a primary
   that was demoted (``-READONLY``): after a failover the next connection goes to the promoted replica.
   Nothing here decides a failover; the Sentinels do.
+- ``cluster``: redis-py's own asyncio ``RedisCluster`` starts from the seed node in ``ENGRAM_REDIS_URL``,
+  learns the slot map and follows ``MOVED``/``ASK`` redirects and failovers itself. Keys then carry the
+  tenant's hash tag (:func:`key_space`), so every Engram function call is single-slot.
 
 The library (``store_from_url``) names a Sentinel topology with a URL of its own,
 ``redis+sentinel://[user[:password]@]host:port[,host:port...]/<service>[/<db>]``, so that a serialized
-adapter reconnects through the Sentinels too (:func:`sentinel_url_of`).
+adapter reconnects through the Sentinels too (:func:`sentinel_url_of`); a Cluster is
+``redis+cluster://[user[:password]@]host:port[,host:port...]`` (any seed nodes).
 """
 
 from __future__ import annotations
@@ -22,14 +26,41 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
+from engram.redis_keys import KeySpace
 from engram.settings import Settings, parse_host_ports
 
 SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+
+# Any of Engram's clients: one node (standalone, or the Sentinels' primary) or a Redis Cluster.
+RedisClient = aioredis.Redis | RedisCluster
+
+
+class EngramRedisCluster(RedisCluster):
+    """redis-py's asyncio cluster client, told where an ``FCALL``'s keys are.
+
+    redis-py finds the keys of commands with movable keys by asking the server (``COMMAND GETKEYS``, a
+    round trip of its own before every call); it reads them from the arguments only for EVAL/EVALSHA.
+    ``FCALL fn numkeys key...`` has the same shape, so it is read the same way: a turn stays two round trips.
+    """
+
+    engram_settings: Settings  # what it was made from (clone_cluster_client)
+    engram_target: ClusterTarget
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        if command.upper() in ("FCALL", "FCALL_RO") and len(args) >= 2 and int(args[1]) > 0:
+            slots = {self.keyslot(key) for key in args[2 : 2 + int(args[1])]}
+            if len(slots) != 1:
+                raise RedisClusterException(f"{command} {args[0]}: all keys must map to the same hash slot")
+            return slots.pop()
+        return await super()._determine_slot(command, *args)
 
 
 class BlockingSentinelConnectionPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -55,6 +86,55 @@ class SentinelTarget:
 
 def is_sentinel_url(url: str | None) -> bool:
     return bool(url) and str(url).lower().startswith(SENTINEL_SCHEME + "://")
+
+
+def is_cluster_url(url: str | None) -> bool:
+    return bool(url) and str(url).lower().startswith(CLUSTER_SCHEME + "://")
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """Seed nodes of a Redis Cluster, and the credentials a URL may carry."""
+
+    nodes: list[tuple[str, int]]
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """``redis+cluster://[user[:password]@]host:port[,host:port...]`` (split by hand, as Sentinel URLs are)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator or scheme.lower() != CLUSTER_SCHEME:
+        raise ValueError(f"invalid {CLUSTER_SCHEME} URL: expected {CLUSTER_SCHEME}://host:port[,host:port]")
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, _, hosts = netloc.rpartition("@")
+    try:
+        nodes = parse_host_ports(hosts)
+    except ValueError as error:
+        raise ValueError(f"invalid {CLUSTER_SCHEME} URL: {error}") from None
+    if not nodes:
+        raise ValueError(f"invalid {CLUSTER_SCHEME} URL: expected {CLUSTER_SCHEME}://host:port[,host:port]")
+    username, _, password = userinfo.partition(":")
+    return ClusterTarget(nodes, unquote(username) or None, unquote(password) or None)
+
+
+def cluster_target(settings: Settings, url: str | None = None) -> ClusterTarget | None:
+    """The Cluster ``url`` names (``redis+cluster://``), or without a ``url`` the settings' (cluster mode)."""
+    if url is not None:
+        return parse_cluster_url(url) if is_cluster_url(url) else None
+    if is_cluster_url(settings.redis_url):
+        return parse_cluster_url(settings.redis_url)
+    if settings.redis_mode != "cluster":
+        return None
+    seed = urlsplit(settings.redis_url)
+    username, password = (unquote(part) if part else None for part in (seed.username, seed.password))
+    return ClusterTarget([(seed.hostname or "127.0.0.1", seed.port or 6379)], username, password)
+
+
+def key_space(settings: Settings, url: str | None = None) -> KeySpace:
+    """The key layout for the settings' topology (or ``url``'s): on a Cluster every key of a tenant carries
+    the tenant's hash tag (engram.redis_keys)."""
+    return KeySpace(settings.namespace, tenant_slot=cluster_target(settings, url) is not None)
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
@@ -116,12 +196,21 @@ def _credentials(username: str | None, password: str | None) -> dict[str, Any]:
     return {key: value for key, value in (("username", username), ("password", password)) if value}
 
 
-def create_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
+def create_redis(settings: Settings, url: str | None = None) -> Any:
     """An asyncio Redis client (one connection pool) for ``url``, else for the settings' topology.
 
     A ``redis+sentinel://`` URL, or ``ENGRAM_REDIS_MODE=sentinel`` without a ``url``, gives a client of
-    the Sentinels' current primary; any other URL is one fixed node (e.g. a replica, for ACL users)."""
+    the Sentinels' current primary; a ``redis+cluster://`` URL, or ``ENGRAM_REDIS_MODE=cluster`` without a
+    ``url``, a Cluster client (:class:`EngramRedisCluster`); any other URL is one fixed node (e.g. a replica,
+    for ACL users)."""
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    cluster = cluster_target(settings, url)
+    if cluster is not None:
+        return _cluster_client(
+            settings,
+            cluster,
+            {**_credentials(cluster.username, cluster.password), **_credentials(settings.redis_username, password)},
+        )
     if url is not None:
         target = parse_sentinel_url(url) if is_sentinel_url(url) else None
     else:
@@ -144,6 +233,39 @@ def create_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
         **_credentials(settings.redis_username, password),
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def _cluster_client(settings: Settings, target: ClusterTarget, credentials: dict[str, Any]) -> EngramRedisCluster:
+    options = _options(settings)
+    client = EngramRedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        decode_responses=True,
+        socket_timeout=options["socket_timeout"],
+        socket_connect_timeout=options["socket_connect_timeout"],
+        health_check_interval=options["health_check_interval"],
+        client_name=options["client_name"],
+        # per node; a burst above it fails at once with 503 (redis-py's cluster nodes have no blocking pool)
+        max_connections=settings.redis_max_connections,
+        # Redirects and topology refreshes are redis-py's; errors (a primary down until its replica is
+        # promoted) are retried briefly, then they are a 503 with Retry-After, never a hang.
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+        **credentials,
+    )
+    client.engram_settings, client.engram_target = settings, ClusterTarget(target.nodes, **_named(credentials))
+    return client
+
+
+def _named(credentials: dict[str, Any]) -> dict[str, Any]:
+    return {"username": credentials.get("username"), "password": credentials.get("password")}
+
+
+def clone_cluster_client(client: EngramRedisCluster) -> EngramRedisCluster:
+    """A new Cluster client made as ``client`` was (fresh connections, e.g. for another event loop)."""
+    return _cluster_client(
+        client.engram_settings,
+        client.engram_target,
+        _credentials(client.engram_target.username, client.engram_target.password),
+    )
 
 
 def _sentinel_client(settings: Settings, target: SentinelTarget, credentials: dict[str, Any]) -> aioredis.Redis:
@@ -170,8 +292,8 @@ def _sentinel_client(settings: Settings, target: SentinelTarget, credentials: di
     return client
 
 
-def sentinel_pool(client: aioredis.Redis) -> SentinelConnectionPool | None:
-    pool = client.connection_pool
+def sentinel_pool(client: RedisClient) -> SentinelConnectionPool | None:
+    pool = getattr(client, "connection_pool", None)  # (a Cluster client has one per node)
     return pool if isinstance(pool, SentinelConnectionPool) else None
 
 
@@ -203,18 +325,43 @@ async def sentinel_nodes(client: aioredis.Redis) -> tuple[tuple[str, int], list[
 def redis_description(settings: Settings) -> str:
     """Where the settings point, for logs: never credentials."""
     durability = f", commits {settings.commit_durability}"
+    cluster = cluster_target(settings)
+    if cluster is not None:
+        return "cluster via " + ",".join(f"{host}:{port}" for host, port in cluster.nodes) + durability
     if settings.redis_mode == "sentinel":
         sentinels = ",".join(f"{host}:{port}" for host, port in settings.sentinel_addresses)
         return f"sentinel {settings.redis_sentinel_service!r} via {sentinels}{durability}"
     return settings.redis_url.split("@")[-1] + durability
 
 
-def primary_address(client: aioredis.Redis) -> str:
+def primary_address(client: RedisClient, key: str | None = None) -> str:
     """``host:port`` of the node a client's writes go to now (for a Sentinel client the primary it last
-    asked the Sentinels for, which its connections follow): never credentials."""
+    asked the Sentinels for, which its connections follow; for a Cluster client the primary of ``key``'s
+    slot): never credentials."""
+    if isinstance(client, RedisCluster):
+        node = client.get_node_from_key(key) if key is not None else None
+        return str(node.name) if node is not None else "unknown"
     pool = sentinel_pool(client)
     if pool is not None:
         address = pool.master_address
         return f"{address[0]}:{address[1]}" if address else "unknown"
     kwargs = client.connection_pool.connection_kwargs
     return str(kwargs["path"]) if kwargs.get("path") else f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+
+def cluster_url_of(client: RedisClient) -> str | None:
+    """The ``redis+cluster://`` URL (without password) of a Cluster client's nodes, else None."""
+    if not isinstance(client, RedisCluster):
+        return None
+    nodes = client.get_nodes() or list(client.nodes_manager.startup_nodes.values())
+    hosts = ",".join(f"[{n.host}]:{n.port}" if ":" in n.host else f"{n.host}:{n.port}" for n in nodes)
+    username = client.connection_kwargs.get("username")
+    return f"{CLUSTER_SCHEME}://{username + '@' if username else ''}{hosts}"
+
+
+async def cluster_nodes(client: RedisClient) -> list[tuple[str, int]] | None:
+    """Every node of a Cluster client's cluster now (primaries and replicas, from a fresh slot map), else None."""
+    if not isinstance(client, RedisCluster):
+        return None
+    await client.nodes_manager.initialize()  # nodes added or promoted since the client started count too
+    return [(str(node.host), int(node.port)) for node in client.get_nodes()]

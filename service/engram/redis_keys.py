@@ -23,8 +23,19 @@ Why this shape:
   so the ACL pattern ``engram:acme:*`` can never match ``engram:acme-2:...``: the character after ``acme``
   is ``:`` for acme and ``-`` for acme-2. ``_sys`` is not a DNS label, so no tenant pattern reaches the
   registry.
-- The keys of one session share the Redis Cluster hash tag ``{tenant:session}``, so the Lua scripts that
-  touch them all are single-slot. The tenant index is a separate slot; see docs/design.md.
+- The keys of one session share the hash tag ``{tenant:session}``, so the Lua functions that touch them
+  all are single-slot. The tenant index is a separate slot: fine on one node, CROSSSLOT on a Cluster.
+
+Redis Cluster (``KeySpace(tenant_slot=True)``, ``ENGRAM_REDIS_MODE=cluster``): every key of a tenant gets the
+hash tag ``{tenant}`` right after the tenant prefix, so a tenant's sessions, index, usage, expiry, rate and
+subjects share one slot and every function stays one atomic call (quotas and the rate limit are tenant-wide
+checks inside the commit and the load)::
+
+    engram:acme:{acme}:{acme:s1}:log    (the first {...} is the hash tag: the slot of "acme")
+    engram:acme:{acme}:sessions
+
+Tenants spread over the cluster's primaries; one tenant lives on one shard (docs/design.md, "Redis
+Cluster"). The prefix ``engram:acme:`` is unchanged, so ACL patterns are the same in both layouts.
 - Session ids are ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``: no glob metacharacters, no ``{}`` or ``:``,
   so they can neither break the hash tag nor widen an ACL pattern.
 """
@@ -125,6 +136,8 @@ class KeySpace:
     """Builds keys under one namespace (``engram`` by default)."""
 
     namespace: str = DEFAULT_NAMESPACE
+    # Redis Cluster: every key of a tenant in the tenant's hash slot (see the module's docstring)
+    tenant_slot: bool = False
 
     def __post_init__(self) -> None:
         if not NAMESPACE_PATTERN.fullmatch(self.namespace):
@@ -144,32 +157,36 @@ class KeySpace:
         """ACL key patterns (``~pattern``) that match every key of ``tenant`` and nothing else."""
         return [self.tenant_key_pattern(tenant)]
 
+    def _tenant_base(self, tenant: str) -> str:
+        """What every key of ``tenant`` starts with: the prefix, and on a Cluster the tenant's hash tag."""
+        prefix = self.tenant_prefix(tenant)
+        return f"{prefix}{{{tenant}}}:" if self.tenant_slot else prefix
+
     def session_index(self, tenant: str) -> str:
-        return f"{self.tenant_prefix(tenant)}sessions"
+        return f"{self._tenant_base(tenant)}sessions"
 
     def usage(self, tenant: str) -> str:
-        return f"{self.tenant_prefix(tenant)}usage"
+        return f"{self._tenant_base(tenant)}usage"
 
     def session_expiry(self, tenant: str) -> str:
-        return f"{self.tenant_prefix(tenant)}expiry"
+        return f"{self._tenant_base(tenant)}expiry"
 
     def rate(self, tenant: str) -> str:
-        return f"{self.tenant_prefix(tenant)}rate"
+        return f"{self._tenant_base(tenant)}rate"
 
     def subject(self, tenant: str, subject: str) -> str:
         """The set of a subject's (an end user's) session ids."""
-        return f"{self.tenant_prefix(tenant)}subject:{validate_subject_id(subject)}"
+        return f"{self._tenant_base(tenant)}subject:{validate_subject_id(subject)}"
 
     # --- commit durability (ENGRAM_COMMIT_DURABILITY=replicated) --------------------------------------
     def replication_barrier(self, tenant: str) -> str:
         """A key the store writes before ``WAIT`` when a turn it answers was stored earlier (a retry): WAIT
         only counts a connection's own writes, so without one it would confirm nothing."""
-        return f"{self.tenant_prefix(tenant)}replicated"
+        return f"{self._tenant_base(tenant)}replicated"
 
     def session(self, tenant: str, session_id: str) -> SessionKeys:
-        prefix = self.tenant_prefix(tenant)
         tag = f"{{{tenant}:{validate_session_id(session_id)}}}"
-        base = f"{prefix}{tag}"
+        base = f"{self._tenant_base(tenant)}{tag}"
         return SessionKeys(
             log=f"{base}:log",
             meta=f"{base}:meta",
@@ -185,7 +202,7 @@ class KeySpace:
     def session_id_of(self, tenant: str, key: str) -> str | None:
         """The session a key of ``tenant`` belongs to (from its hash tag), or None for the tenant's own
         keys (the session index) and for anything that is not a session key."""
-        prefix = f"{self.tenant_prefix(tenant)}{{{tenant}:"
+        prefix = f"{self._tenant_base(tenant)}{{{tenant}:"
         if not key.startswith(prefix):
             return None
         session_id, brace, _ = key[len(prefix) :].partition("}")

@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     redis_mode: Literal["standalone", "sentinel", "cluster"] = Field(
         "standalone",
         description="standalone: ENGRAM_REDIS_URL is the primary; sentinel: the primary is asked of "
-        "ENGRAM_REDIS_SENTINELS and followed through failovers; cluster: not supported yet",
+        "ENGRAM_REDIS_SENTINELS and followed through failovers; cluster: ENGRAM_REDIS_URL is any seed node of "
+        "a Redis Cluster (redis-py's cluster client finds the others and follows failovers and resharding)",
     )
     redis_sentinels: str = Field("", description="sentinel mode: the Sentinels, host:port,host:port,...")
     redis_sentinel_service: str = Field(
@@ -147,8 +148,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _redis_topology(self) -> Settings:
-        if self.redis_mode == "cluster":
-            raise ValueError("ENGRAM_REDIS_MODE=cluster is not supported yet: use standalone or sentinel")
+        if self.redis_mode == "cluster" and self.sentinel_addresses:
+            raise ValueError(
+                "ENGRAM_REDIS_SENTINELS is set but ENGRAM_REDIS_MODE is cluster (a cluster has no Sentinels)"
+            )
+        if self.redis_mode == "cluster" and self.redis_url.lower().startswith("unix://"):
+            raise ValueError("ENGRAM_REDIS_MODE=cluster needs ENGRAM_REDIS_URL=redis://<seed host>:<port>, no socket")
         if self.redis_mode == "sentinel" and not self.sentinel_addresses:
             raise ValueError("ENGRAM_REDIS_MODE=sentinel needs ENGRAM_REDIS_SENTINELS (host:port,host:port,...)")
         if self.redis_mode == "standalone" and self.sentinel_addresses:

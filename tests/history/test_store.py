@@ -18,6 +18,7 @@ import redis
 from engram.errors import InvalidCursor, InvalidMessage, InvalidSessionId, MessageTooLarge, StoreFull, StoreUnavailable
 from engram.history import HistoryStore
 from engram.history.cache import drop_unanswerable_start, fit_budget
+from engram.llama_index._runtime import url_of
 from engram.messages import NewMessage
 from engram.policy import Policy
 from testkit.monitor import commands_run
@@ -95,7 +96,7 @@ async def test_window_holds_the_newest_messages_that_fit_the_budget(store: Histo
     for n in range(100):
         await store.commit_turn("acme", "s1", f"t{n}", f"question number {n}", f"answer number {n}")
     everything = await store.all_messages("acme", "s1")
-    fresh = make_store(_url(store))  # an empty cache: a miss reads the window from Redis
+    fresh = make_store(url_of(store))  # an empty cache: a miss reads the window from Redis
     window = await fresh.load_window("acme", "s1", 50)
     await fresh.client.aclose()
     assert sum(m.tokens for m in window.messages) <= 50
@@ -103,11 +104,6 @@ async def test_window_holds_the_newest_messages_that_fit_the_budget(store: Histo
     assert window.messages[0].role == "user"
     older = everything[-len(window.messages) - 1]
     assert older.role == "assistant" or sum(m.tokens for m in window.messages) + older.tokens > 50
-
-
-def _url(store: HistoryStore) -> str:
-    kwargs = store.client.connection_pool.connection_kwargs
-    return f"redis://{kwargs['host']}:{kwargs['port']}/0"
 
 
 @pytest.mark.parametrize("seed", range(4))

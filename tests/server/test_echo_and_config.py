@@ -65,7 +65,14 @@ def test_missing_or_other_authorization_is_refused(header: str | None) -> None:
         ({"ENGRAM_AUTH": "sometimes"}, "ENGRAM_AUTH: Input should be 'required' or 'disabled'"),
         ({"ENGRAM_LLM": "openai-like"}, "ENGRAM_LLM=openai-like needs ENGRAM_LLM_BASE_URL and ENGRAM_LLM_MODEL"),
         ({"ENGRAM_NAMESPACE": "Bad Space"}, "ENGRAM_NAMESPACE"),
-        ({"ENGRAM_REDIS_MODE": "cluster"}, "ENGRAM_REDIS_MODE=cluster is not supported yet"),
+        (
+            {"ENGRAM_REDIS_MODE": "cluster", "ENGRAM_REDIS_SENTINELS": "s0:26379"},
+            "ENGRAM_REDIS_SENTINELS is set but ENGRAM_REDIS_MODE is cluster",
+        ),
+        (
+            {"ENGRAM_REDIS_MODE": "cluster", "ENGRAM_REDIS_URL": "unix:///run/redis.sock"},
+            "ENGRAM_REDIS_MODE=cluster needs ENGRAM_REDIS_URL=redis://<seed host>:<port>",
+        ),
         ({"ENGRAM_REDIS_MODE": "mesh"}, "ENGRAM_REDIS_MODE: Input should be 'standalone', 'sentinel' or 'cluster'"),
         ({"ENGRAM_REDIS_MODE": "sentinel"}, "ENGRAM_REDIS_MODE=sentinel needs ENGRAM_REDIS_SENTINELS"),
         (

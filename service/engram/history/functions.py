@@ -13,6 +13,7 @@ from __future__ import annotations
 from importlib import resources
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoPermissionError
 
 from engram.errors import StoreUnavailable
@@ -88,23 +89,43 @@ TENANT_COMMANDS: tuple[str, ...] = (
 )
 
 
-async def ensure_library(client: aioredis.Redis) -> bool:
+# What redis-py's Cluster client sends besides (ENGRAM_REDIS_MODE=cluster): added to the tenant and service
+# users' allow-lists on a Cluster only.
+CLUSTER_CLIENT_COMMANDS: tuple[str, ...] = (
+    "cluster|slots",  # the slot map, at start and after a MOVED or a failover
+    "command",  # its command table, read once at start to find the keys of commands
+    "asking",  # follows an ASK redirect while a slot migrates
+)
+
+
+async def ensure_library(client: aioredis.Redis | RedisCluster) -> bool:
     """Load the library unless this exact code is already there. Returns True when this call loaded it.
 
     Needs a user allowed to run FUNCTION (the operator's admin user, or Redis without ACLs as in
-    ``make run``). Run it against the primary only: functions replicate to replicas by themselves.
+    ``make run``). Run it against the primary only: functions replicate to replicas by themselves. On a
+    Cluster every primary is checked (a node added later, or a primary restarted empty, gets it too).
     """
     try:
-        listed = await client.function_list(library=LIBRARY_NAME, withcode=True)
-        if any(_library_code(entry) == LIBRARY for entry in listed):
-            return False
-        await client.function_load(LIBRARY, replace=True)
-        return True
+        if isinstance(client, RedisCluster):
+            await client.initialize()  # (once) its slot map: which nodes are primaries
+            loaded = [await _ensure_on(client, node) for node in client.get_primaries()]
+            return any(loaded)
+        return await _ensure_on(client, None)
     except NoPermissionError as error:
         raise StoreUnavailable(
             f"Redis function library {LIBRARY_NAME} is not loaded and this Redis user may not load it; "
             "the operator (or `engram tenant` with an admin user) loads it"
         ) from error
+
+
+async def _ensure_on(client: aioredis.Redis | RedisCluster, node: ClusterNode | None) -> bool:
+    """Load the library on one node (a Cluster's primary ``node``, or the one node of ``client``)."""
+    target = {"target_nodes": node} if node is not None else {}
+    listed = await client.execute_command("FUNCTION LIST", "LIBRARYNAME", LIBRARY_NAME, "WITHCODE", **target)
+    if any(_library_code(entry) == LIBRARY for entry in listed or []):
+        return False
+    await client.execute_command("FUNCTION LOAD", "REPLACE", LIBRARY, **target)
+    return True
 
 
 def _library_code(entry: object) -> str | None:

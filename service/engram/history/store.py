@@ -16,6 +16,7 @@ Every method raises :class:`~engram.errors.StoreUnavailable` when Redis cannot b
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -25,8 +26,18 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    MovedError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engram.errors import (
@@ -100,6 +111,7 @@ DEFAULT_MAX_WINDOW_MESSAGES = 10_000
 _STREAM_ID = re.compile(r"(0|[1-9]\d{0,19})-(0|[1-9]\d{0,19})")  # canonical, as Redis writes ids
 _MAX_ID_PART = 2**64 - 1
 MAX_CURSOR_LENGTH = 512  # a session id's cursor is at most 172 characters
+_CLUSTER_REDIRECTS = 8  # tries of a commit whose slot moves (a reshard): about 5 s of TRYAGAIN backoff
 
 
 def _text(value: Any) -> str:
@@ -163,6 +175,9 @@ async def redis_errors() -> AsyncIterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as error:
         raise StoreUnavailable(f"Redis is unavailable: {error}") from error
+    except (ClusterError, TryAgainError, RedisClusterException) as error:
+        # a Cluster without a primary for the slot (a failover), or a slot still moving after the retries
+        raise StoreUnavailable(f"Redis Cluster is unavailable for this session: {error}") from error
     except OutOfMemoryError as error:
         raise StoreFull("Redis is full (maxmemory reached): it refuses writes until space is freed") from error
     except ReadOnlyError as error:  # a replica, e.g. during a failover: writes come back with the primary
@@ -501,14 +516,8 @@ class HistoryStore:
         A retry of a stored turn wrote nothing, so WAIT would count nothing: it is confirmed separately."""
         if self.commit_durability != "replicated":
             return await self._call(lambda: self.client.fcall(FN_COMMIT, len(keys), *keys, *args))
-
-        async def commit_and_wait() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.fcall(FN_COMMIT, len(keys), *keys, *args)
-                pipe.wait(1, self.commit_replica_timeout_ms)
-                return list(await pipe.execute())
-
-        raw, replicas = await self._call(commit_and_wait)
+        commit = ("FCALL", FN_COMMIT, len(keys), *keys, *args)
+        raw, replicas = await self._call(lambda: self._write_then_wait(keys[0], [commit]))
         if int(raw[0]) == 1:  # a duplicate: stored earlier, perhaps never replicated
             await self.confirm_replicated(tenant, turn_id or "")
         elif int(replicas) < 1:
@@ -522,22 +531,54 @@ class HistoryStore:
         if self.commit_durability != "replicated":
             return
         barrier = self.keys.replication_barrier(tenant)
-
-        async def write_and_wait() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.hincrby(barrier, "n", 1)
-                pipe.expire(barrier, 60)
-                pipe.wait(1, self.commit_replica_timeout_ms)
-                return list(await pipe.execute())
-
+        writes = [("HINCRBY", barrier, "n", 1), ("EXPIRE", barrier, 60)]
         try:
-            replicas = (await self._call(write_and_wait))[-1]
+            replicas = (await self._call(lambda: self._write_then_wait(barrier, writes)))[-1]
         except StoreUnavailable as error:
             if isinstance(error, StoreReadOnly):
                 raise
             raise OutcomeUnknown(str(error), turn_id) from error
         if int(replicas) < 1:
             raise self._not_replicated(turn_id)
+
+    async def _write_then_wait(self, key: str, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """``commands`` (writes to ``key``'s slot), then ``WAIT 1 <ms>``, on one connection in one round trip.
+        Returns their replies, WAIT's (the replicas that confirmed) last.
+
+        WAIT counts the writes of its own connection. On a Cluster, redis-py would send WAIT to any node
+        and follow a redirected write alone, so the writes and WAIT go to the slot's node together, and a
+        redirect (MOVED after a failover, ASK or TRYAGAIN while a reshard moves the slot) sends all of them
+        again where the cluster says: a redirected write did not run, so repeating it is safe."""
+        if not isinstance(self.client, RedisCluster):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                pipe.wait(1, self.commit_replica_timeout_ms)
+                return list(await pipe.execute())
+        asked: ClusterNode | None = None
+        for attempt in range(_CLUSTER_REDIRECTS):
+            node = asked or self.client.get_node_from_key(key)
+            pipe = self.client.pipeline()
+            if asked is not None:
+                pipe.execute_command("ASKING", target_nodes=node)
+            for command in commands:
+                pipe.execute_command(*command, target_nodes=node)
+            pipe.execute_command("WAIT", 1, self.commit_replica_timeout_ms, target_nodes=node)
+            replies = list(await pipe.execute(raise_on_error=False, allow_redirections=False))
+            replies = replies[1:] if asked is not None else replies
+            error = next((reply for reply in replies if isinstance(reply, Exception)), None)
+            asked = None
+            if isinstance(error, MovedError):  # the slot has a new primary (a failover, a finished migration)
+                await self.client.nodes_manager.initialize()
+            elif isinstance(error, AskError):  # the slot is migrating and these keys are already there
+                asked = self.client.get_node(host=error.host, port=error.port)
+            elif isinstance(error, TryAgainError):  # the session's keys are split mid-migration: wait
+                await asyncio.sleep(0.02 * 2**attempt)
+            elif error is not None:
+                raise error
+            else:
+                return replies
+        raise StoreUnavailable(f"Redis Cluster kept redirecting this session's slot ({_CLUSTER_REDIRECTS} tries)")
 
     def _not_replicated(self, turn_id: str) -> NotReplicated:
         return NotReplicated(
@@ -789,6 +830,25 @@ class HistoryStore:
         async with redis_errors():
             return int(await self.client.zcard(self.keys.session_index(validate_tenant(tenant))))
 
+    async def _scan_batches(self, pattern: str, batch: int) -> AsyncIterator[list[str]]:
+        """The names of keys matching ``pattern``, a batch at a time (SCAN; on a Cluster every primary's)."""
+        if isinstance(self.client, RedisCluster):
+            names: list[str] = []
+            async with redis_errors():
+                async for name in self.client.scan_iter(match=pattern, count=batch):
+                    names.append(_text(name))
+            for start in range(0, len(names), batch):
+                yield names[start : start + batch]
+            return
+        cursor: int = 0
+        while True:
+            async with redis_errors():
+                cursor, found = await self.client.scan(cursor, match=pattern, count=batch)
+            if found:
+                yield [_text(name) for name in found]
+            if cursor == 0:
+                return
+
     async def purge_tenant(self, tenant: str, *, batch: int = 100) -> int:
         """Delete every key of ``tenant`` (its sessions and its session index). Returns how many
         sessions had keys.
@@ -802,19 +862,14 @@ class HistoryStore:
         purged: set[str] = set()
         while True:
             found = 0
-            cursor: int = 0
-            while True:
+            async for names in self._scan_batches(pattern, batch):
                 async with redis_errors():
-                    cursor, names = await self.client.scan(cursor, match=pattern, count=batch)
-                    if names:
-                        await self.client.delete(*names)
+                    await self.client.delete(*names)
                 found += len(names)
-                for name in map(_text, names):
+                for name in names:
                     session_id = self.keys.session_id_of(tenant, name)
                     if session_id is not None:
                         purged.add(session_id)
                         self.cache.discard(self.keys.session(tenant, session_id).log)
-                if cursor == 0:
-                    break
             if not found:
                 return len(purged)

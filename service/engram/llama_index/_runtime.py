@@ -18,10 +18,17 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, PrivateAttr
 from redis.asyncio.sentinel import Sentinel
 
-from engram.connections import BlockingSentinelConnectionPool, create_redis, sentinel_url_of
+from engram.connections import (
+    BlockingSentinelConnectionPool,
+    EngramRedisCluster,
+    clone_cluster_client,
+    cluster_url_of,
+    create_redis,
+    key_space,
+    sentinel_url_of,
+)
 from engram.history.store import HistoryStore
 from engram.policy import SESSION_TTL_SECONDS, Policy
-from engram.redis_keys import KeySpace
 from engram.settings import Settings
 
 T = TypeVar("T")
@@ -33,26 +40,30 @@ SYNC_CALL_TIMEOUT_SECONDS = 30.0
 def store_from_url(url: str, namespace: str = "engram", **settings: Any) -> HistoryStore:
     """A :class:`HistoryStore` on ``url`` with Engram's default timeouts.
 
-    ``url`` is one Redis (``redis://``, ``rediss://``, ``unix://``) or a Sentinel topology,
-    ``redis+sentinel://host:port[,host:port...]/<service>[/<db>]`` (the client follows its failovers).
+    ``url`` is one Redis (``redis://``, ``rediss://``, ``unix://``), a Sentinel topology,
+    ``redis+sentinel://host:port[,host:port...]/<service>[/<db>]`` (the client follows its failovers), or a
+    Redis Cluster, ``redis+cluster://host:port[,host:port...]`` (any seed nodes).
     ``settings`` are :class:`~engram.settings.Settings` fields, e.g. ``commit_durability="replicated"`` (or
     ``redis_mode="sentinel", redis_sentinels="h:26379,..."`` instead of a ``redis+sentinel://`` URL).
     """
     # The URL names the topology: ENGRAM_REDIS_MODE / ENGRAM_REDIS_SENTINELS in the environment do not apply.
     topology = {"redis_mode": "standalone", "redis_sentinels": ""}
     config = Settings(**{"redis_url": url, "namespace": namespace, **topology, **settings})
+    # (explicit redis_mode="sentinel" + redis_sentinels=... kwargs: the URL gives only database and credentials)
+    target = url if config.redis_mode == "standalone" else None
     return HistoryStore(
-        # (explicit redis_mode="sentinel" + redis_sentinels=... kwargs: the URL gives only database and credentials)
-        create_redis(config, url if config.redis_mode == "standalone" else None),
-        KeySpace(namespace),
+        create_redis(config, target),
+        key_space(config, target),
         cache_sessions=config.cache_sessions,
         commit_durability=config.commit_durability,
         commit_replica_timeout_ms=config.commit_replica_timeout_ms,
     )
 
 
-def _clone_client(client: aioredis.Redis) -> aioredis.Redis:
-    """A client on the same Redis (or the same Sentinels) with the same settings and fresh pools."""
+def _clone_client(client: Any) -> Any:
+    """A client on the same Redis (or the same Sentinels, or Cluster) with the same settings and fresh pools."""
+    if isinstance(client, EngramRedisCluster):
+        return clone_cluster_client(client)
     pool = client.connection_pool
     if isinstance(pool, BlockingSentinelConnectionPool):
         manager = pool.sentinel_manager
@@ -163,9 +174,9 @@ def url_of(store: HistoryStore) -> str:
     """A URL that reconnects to ``store``'s Redis, without its password: a serialized adapter must not
     carry a secret it was not given as part of a URL (the reconnect reads ``ENGRAM_REDIS_PASSWORD``).
     A store on Sentinels gives its ``redis+sentinel://`` URL: the copy follows failovers too."""
-    sentinel_url = sentinel_url_of(store.client)
-    if sentinel_url is not None:
-        return sentinel_url
+    topology_url = sentinel_url_of(store.client) or cluster_url_of(store.client)
+    if topology_url is not None:
+        return topology_url
     kwargs = store.client.connection_pool.connection_kwargs
     db = kwargs.get("db", 0)
     if "path" in kwargs:

@@ -21,10 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import engram
-from engram.connections import create_redis, redis_description
+from engram.connections import create_redis, key_space, redis_description
 from engram.errors import StoreUnavailable
 from engram.history.store import HistoryStore
-from engram.redis_keys import KeySpace
 from engram.server import errors, metrics
 from engram.server.auth import Authenticator, KeyResolver
 from engram.server.config import check_llm_settings
@@ -129,7 +128,7 @@ def _tenant_registry(settings: Settings, redis: aioredis.Redis) -> KeyResolver |
         return None
     from engram.tenancy.registry import TenantRegistry
 
-    return TenantRegistry(redis, KeySpace(settings.namespace), settings.tenant_cache_seconds)
+    return TenantRegistry(redis, key_space(settings), settings.tenant_cache_seconds)
 
 
 @asynccontextmanager
@@ -140,7 +139,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     redis = create_redis(settings)
     store = HistoryStore(
         redis,
-        KeySpace(settings.namespace),
+        key_space(settings),
         cache_sessions=settings.cache_sessions,
         max_message_bytes=settings.max_message_bytes,
         commit_durability=settings.commit_durability,

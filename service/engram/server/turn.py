@@ -223,7 +223,8 @@ async def commit(ctx: TurnContext, turn: ValidTurn, reply: str) -> CommittedTurn
         _check_same_message(committed, turn)
     elif committed.usage is not None:  # stored in Redis (ENGRAM_MEMORY=off stores nothing)
         metrics.observe_usage(ctx.tenant.name, committed.usage)
-        metrics.observe_commit_node(primary_address(ctx.store.client))
+        session_log = ctx.store.keys.session(ctx.tenant.name, turn.session_id).log
+        metrics.observe_commit_node(primary_address(ctx.store.client, session_log))
     return committed
 
 

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from engram.connections import key_space
 from engram.errors import EngramError, StoreUnavailable
 from engram.export import MESSAGE_LINE, session_lines
 from engram.history.store import HistoryStore
@@ -162,7 +163,7 @@ def _run(command: Command, args: argparse.Namespace) -> int:
 async def _with_nodes(command: Command, args: argparse.Namespace, settings: Settings) -> int:
     nodes = RedisNodes.from_settings(settings, redis_url=args.redis_url)
     try:
-        return await command(args, nodes, KeySpace(settings.namespace), settings)
+        return await command(args, nodes, key_space(settings), settings)
     except StoreUnavailable as error:
         _say(f"engram tenant: {error}")
         return EXIT_UNAVAILABLE

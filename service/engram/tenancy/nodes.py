@@ -5,7 +5,9 @@ replicas by replication. ACL users are not replicated, so they are set on every 
 
 - standalone: the primary (``ENGRAM_REDIS_URL``) and ``ENGRAM_REDIS_REPLICA_URLS``;
 - sentinel: whatever the Sentinels list now (the primary and every replica not down), asked again on each
-  change, so a replica promoted or added later gets the users at the operator's next drift repair.
+  change, so a replica promoted or added later gets the users at the operator's next drift repair;
+- cluster: every node of the cluster's slot map now (primaries and replicas), read again on each change, so
+  nodes added or promoted later get the users too. Data goes through the Cluster client (:attr:`primary`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from engram.connections import create_redis, sentinel_nodes, sentinel_pool
+from engram.connections import RedisClient, cluster_nodes, create_redis, sentinel_nodes, sentinel_pool
 from engram.settings import Settings
 
 
-def node_name(client: aioredis.Redis) -> str:
+def node_name(client: RedisClient) -> str:
     """``host:port`` (or the socket path) of a client, for messages: never its credentials."""
+    if not hasattr(client, "connection_pool"):  # a Cluster client
+        return "the cluster"
     pool = sentinel_pool(client)
     if pool is not None:
         address = pool.master_address
@@ -37,7 +41,7 @@ def split_urls(value: str | None) -> list[str]:
 
 @dataclass
 class RedisNodes:
-    primary: aioredis.Redis
+    primary: RedisClient  # the primary, the Sentinels' primary or a Cluster client
     replicas: tuple[aioredis.Redis, ...] = ()
     # Per node, the allow-list filtered to the commands that server knows (see acl.supported_commands).
     supported: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -53,13 +57,22 @@ class RedisNodes:
     async def every_node(self) -> tuple[aioredis.Redis, ...]:
         """Every node an ACL user must exist on, now. Sentinel mode asks the Sentinels (raises
         :class:`redis.exceptions.ConnectionError` when none answers with a primary)."""
+        if self.settings is None:
+            return self.all
+        cluster = await cluster_nodes(self.primary)
+        if cluster is not None:
+            return self._node_clients(cluster, 0)
         topology = await sentinel_nodes(self.primary)
-        if topology is None or self.settings is None:
+        if topology is None:
             return self.all
         primary, replicas = topology
-        db = self.primary.connection_pool.connection_kwargs.get("db", 0)
+        return self._node_clients([primary, *replicas], self.primary.connection_pool.connection_kwargs.get("db", 0))
+
+    def _node_clients(self, addresses: list[tuple[str, int]], db: int) -> tuple[aioredis.Redis, ...]:
+        """One client per node address (kept for the next call), with the settings' credentials."""
+        assert self.settings is not None
         clients = []
-        for host, port in (primary, *replicas):
+        for host, port in addresses:
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             if address not in self.discovered:
                 self.discovered[address] = create_redis(self.settings, f"redis://{address}/{db}")

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from engram.errors import InvalidTenant, StoreUnavailable
-from engram.history.functions import TENANT_COMMANDS, ensure_library
+from engram.history.functions import CLUSTER_CLIENT_COMMANDS, TENANT_COMMANDS, ensure_library
 from engram.history.store import HistoryStore
 from engram.messages import Usage
 from engram.policy import Policy, Retention
@@ -115,6 +115,8 @@ async def ensure_tenant(
     reached; the nodes that could be reached are brought up to date first.
     """
     tenant = record.tenant
+    if keys.tenant_slot:  # a Cluster: its users need what redis-py's Cluster client sends too
+        commands = (*commands, *CLUSTER_CLIENT_COMMANDS)
     current = await current_record(nodes, keys, tenant)
     if current is not None and current.owner != record.owner:
         raise TenantConflict(f"tenant {tenant!r} is already managed by {current.owner}")
