@@ -360,8 +360,18 @@ def cluster_url_of(client: RedisClient) -> str | None:
 
 
 async def cluster_nodes(client: RedisClient) -> list[tuple[str, int]] | None:
-    """Every node of a Cluster client's cluster now (primaries and replicas, from a fresh slot map), else None."""
+    """Every reachable node of a Cluster client's cluster now, else None: primaries and replicas as
+    ``CLUSTER NODES`` lists them (not redis-py's slot map: ``CLUSTER SLOTS`` leaves out a replica that has
+    not synced yet), without nodes flagged failed or without an address."""
     if not isinstance(client, RedisCluster):
         return None
     await client.nodes_manager.initialize()  # nodes added or promoted since the client started count too
-    return [(str(node.host), int(node.port)) for node in client.get_nodes()]
+    listing = await client.execute_command("CLUSTER NODES", target_nodes=RedisCluster.RANDOM)  # (parsed)
+    nodes = []
+    for address, node in dict(listing).items():
+        if any(flag in str(node.get("flags", "")) for flag in ("fail", "noaddr", "handshake")):
+            continue
+        host, _, port = str(address).split("@")[0].rpartition(":")
+        if host and port.isdigit() and int(port) > 0:
+            nodes.append((host.strip("[]"), int(port)))
+    return nodes

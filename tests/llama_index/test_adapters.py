@@ -1,4 +1,5 @@
-"""The LlamaIndex adapters against a real redis-server and real chat engines, across processes."""
+"""The LlamaIndex adapters against a real redis-server and a real Redis Cluster (``memory_url``), and real chat
+engines, across processes."""
 
 from __future__ import annotations
 
@@ -28,19 +29,19 @@ def run_app(*args: str) -> str:
     return done.stdout.strip()
 
 
-def test_a_chat_engine_remembers_across_processes_sync_and_async(redis_url: str) -> None:
-    first = run_app("chat-async", redis_url, "s1", "my name is Ada")
+def test_a_chat_engine_remembers_across_processes_sync_and_async(memory_url: str) -> None:
+    first = run_app("chat-async", memory_url, "s1", "my name is Ada")
     assert "previous user message: None" in first
-    second = run_app("chat-sync", redis_url, "s1", "what is my name?")
+    second = run_app("chat-sync", memory_url, "s1", "what is my name?")
     assert "given 2 earlier messages; previous user message: 'my name is Ada'" in second
-    third = run_app("chat-async", redis_url, "s1", "and again?")
+    third = run_app("chat-async", memory_url, "s1", "and again?")
     assert "given 4 earlier messages; previous user message: 'what is my name?'" in third
 
 
 async def test_memory_commits_the_turn_once_with_two_round_trips_and_nothing_when_the_model_fails(
-    redis_url: str,
+    memory_url: str,
 ) -> None:
-    store = store_from_url(redis_url)
+    store = store_from_url(memory_url)
     failing = EngramMemory(store=store, session_id="s1")
     with pytest.raises(RuntimeError, match="model unavailable"):
         await SimpleChatEngine.from_defaults(llm=RecallLLM(fail=True), memory=failing).achat("lost question")
@@ -58,8 +59,8 @@ async def test_memory_commits_the_turn_once_with_two_round_trips_and_nothing_whe
     await store.client.aclose()
 
 
-async def test_memory_window_respects_the_token_limit_and_starts_with_a_user_message(redis_url: str) -> None:
-    store = store_from_url(redis_url)
+async def test_memory_window_respects_the_token_limit_and_starts_with_a_user_message(memory_url: str) -> None:
+    store = store_from_url(memory_url)
     for n in range(50):
         await store.commit_turn("default", "s1", f"t{n}", f"question {n} " + "word " * 20, f"answer {n}")
     memory = EngramMemory(store=store, session_id="s1", token_limit=200)
@@ -69,14 +70,14 @@ async def test_memory_window_respects_the_token_limit_and_starts_with_a_user_mes
     await store.client.aclose()
 
 
-def test_llama_index_memory_class_persists_across_processes(redis_url: str) -> None:
-    run_app("memory-put", redis_url, "s1", "I like tea", "noted: tea")
-    assert json.loads(run_app("memory-get", redis_url, "s1")) == ["I like tea", "noted: tea"]
+def test_llama_index_memory_class_persists_across_processes(memory_url: str) -> None:
+    run_app("memory-put", memory_url, "s1", "I like tea", "noted: tea")
+    assert json.loads(run_app("memory-get", memory_url, "s1")) == ["I like tea", "noted: tea"]
 
 
-async def test_two_memory_instances_archiving_one_session_lose_and_duplicate_nothing(redis_url: str) -> None:
+async def test_two_memory_instances_archiving_one_session_lose_and_duplicate_nothing(memory_url: str) -> None:
     def memory() -> Memory:
-        store = EngramDBChatStore(store=store_from_url(redis_url))
+        store = EngramDBChatStore(store=store_from_url(memory_url))
         return Memory.from_defaults(session_id="s1", chat_store=store, token_limit=300, chat_history_token_ratio=0.5)
 
     first, second = memory(), memory()
@@ -84,15 +85,15 @@ async def test_two_memory_instances_archiving_one_session_lose_and_duplicate_not
         await (first if n % 2 == 0 else second).aput(
             ChatMessage(role="user" if n % 4 < 2 else "assistant", content=f"message {n} " + "filler " * 10)
         )
-    store = EngramDBChatStore(store=store_from_url(redis_url))
+    store = EngramDBChatStore(store=store_from_url(memory_url))
     everything = [m.content for m in await store.get_messages("s1", status=None)]
     assert everything == [f"message {n} " + "filler " * 10 for n in range(40)]
     assert await store.count_messages("s1", status=None) == 40
     assert 0 < await store.count_messages("s1") < 40  # some were archived
 
 
-def test_chat_store_set_messages_is_atomic_under_concurrent_writers(redis_url: str) -> None:
-    store = RedisChatStore.from_url(redis_url)
+def test_chat_store_set_messages_is_atomic_under_concurrent_writers(memory_url: str) -> None:
+    store = RedisChatStore.from_url(memory_url)
     lists = {name: [ChatMessage(role="user", content=f"{name} {n}") for n in range(200)] for name in ("alpha", "beta")}
     threads = [threading.Thread(target=store.set_messages, args=("s1", msgs)) for msgs in lists.values()]
     for thread in threads:
@@ -116,8 +117,8 @@ def test_chat_store_delete_message_keeps_order_and_ttl(redis_url: str) -> None:
     assert 590 <= ttl <= 600
 
 
-async def test_chat_store_lists_keys_from_the_index_sync_and_async(redis_url: str) -> None:
-    store = RedisChatStore.from_url(redis_url)
+async def test_chat_store_lists_keys_from_the_index_sync_and_async(memory_url: str) -> None:
+    store = RedisChatStore.from_url(memory_url)
     await store.async_add_message("b-session", ChatMessage(role="user", content="x"))
     store.add_message("a-session", ChatMessage(role="user", content="y"))
     assert store.get_keys() == ["a-session", "b-session"] == await store.aget_keys()
@@ -125,10 +126,10 @@ async def test_chat_store_lists_keys_from_the_index_sync_and_async(redis_url: st
     assert store.get_keys() == ["b-session"]
 
 
-def test_rich_messages_keep_their_blocks_and_kwargs(redis_url: str) -> None:
+def test_rich_messages_keep_their_blocks_and_kwargs(memory_url: str) -> None:
     from llama_index.core.base.llms.types import ImageBlock, TextBlock
 
-    store = RedisChatStore.from_url(redis_url)
+    store = RedisChatStore.from_url(memory_url)
     rich = ChatMessage(role="user", blocks=[TextBlock(text="look"), ImageBlock(url="http://example.invalid/x.png")])
     tool = ChatMessage(role="assistant", content="calling", additional_kwargs={"tool_calls": [{"id": "1"}]})
     store.set_messages("s1", [rich, tool])

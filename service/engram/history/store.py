@@ -178,6 +178,12 @@ async def redis_errors() -> AsyncIterator[None]:
     except (ClusterError, TryAgainError, RedisClusterException) as error:
         # a Cluster without a primary for the slot (a failover), or a slot still moving after the retries
         raise StoreUnavailable(f"Redis Cluster is unavailable for this session: {error}") from error
+    except RuntimeError as error:
+        # uvloop's answer to a write on a connection the node closed (a killed node), where asyncio's is an
+        # OSError; redis-py has dropped that connection already
+        if "closed" not in str(error):
+            raise
+        raise StoreUnavailable(f"Redis is unavailable: the connection was closed ({error})") from error
     except OutOfMemoryError as error:
         raise StoreFull("Redis is full (maxmemory reached): it refuses writes until space is freed") from error
     except ReadOnlyError as error:  # a replica, e.g. during a failover: writes come back with the primary
@@ -555,6 +561,7 @@ class HistoryStore:
                     pipe.execute_command(*command)
                 pipe.wait(1, self.commit_replica_timeout_ms)
                 return list(await pipe.execute())
+        await self.client.initialize()  # its slot map, once (a no-op after the first call)
         asked: ClusterNode | None = None
         for attempt in range(_CLUSTER_REDIRECTS):
             node = asked or self.client.get_node_from_key(key)

@@ -48,6 +48,11 @@ OPERATOR_COMMANDS: tuple[str, ...] = (
     "exec",
     "ping",
     "client|setname",  # the client names its connections
+    # a Redis Cluster (ENGRAM_REDIS_MODE=cluster): what redis-py's Cluster client sends, and the node list
+    "cluster|slots",
+    "cluster|nodes",  # every node gets the tenants' users, replicas included
+    "command",
+    "asking",
 )
 
 
