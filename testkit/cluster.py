@@ -128,6 +128,11 @@ class ClusterTopology:
                     roles[node.port] = str(client.execute_command("ROLE")[0])
         return roles
 
+    def node_id(self, node: Node) -> str:
+        """The node's cluster id (what ``redis-cli --cluster reshard --cluster-from/--cluster-to`` take)."""
+        with self._client(node) as client:
+            return str(client.execute_command("CLUSTER", "MYID"))
+
     def primaries(self) -> list[Node]:
         return [self.node_on(port) for port, role in self.roles().items() if role == "master"]
 

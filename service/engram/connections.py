@@ -249,6 +249,10 @@ def _cluster_client(settings: Settings, target: ClusterTarget, credentials: dict
         # Redirects and topology refreshes are redis-py's; errors (a primary down until its replica is
         # promoted) are retried briefly, then they are a 503 with Retry-After, never a hang.
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=3),
+        # A MOVED reply patches the slot map with the slot's new node (exact). redis-py's default also
+        # reloads the whole map every 5th MOVED by closing every connection of the client, including those
+        # other requests are using at that moment: while a reshard moves live slots that failed turns.
+        reinitialize_steps=0,
         **credentials,
     )
     client.engram_settings, client.engram_target = settings, ClusterTarget(target.nodes, **_named(credentials))

@@ -38,7 +38,10 @@ class Load:
     acknowledged: dict[str, list[str]] = field(default_factory=dict)  # session -> turn ids acknowledged, in order
     answers: list[tuple[float, int, str]] = field(default_factory=list)  # (time, status, error code)
     killed_at: float | None = None
+    disrupted_at: float | None = None  # when the disruption (kill, reshard) had finished
     enough: asyncio.Event = field(default_factory=asyncio.Event)
+    # set: every session's last turn waits for the disruption to end (so turns run before, during and after)
+    disrupted: asyncio.Event | None = None
 
     def count(self) -> int:
         return sum(len(turns) for turns in self.acknowledged.values())
@@ -46,6 +49,8 @@ class Load:
 
 async def converse(client: httpx.AsyncClient, load: Load, session: str) -> None:
     for n in range(TURNS):
+        if n == TURNS - 1 and load.disrupted is not None:
+            await load.disrupted.wait()
         turn_id = f"{session}-t{n}"
         body = {"session_id": session, "message": f"message {n} of {session}", "turn_id": turn_id}
         while True:
@@ -70,10 +75,12 @@ async def drive(
     *,
     disruption_seconds: float = 1.0,
     deadline: float = LOAD_DEADLINE,
+    last_turns_after: bool = False,
 ) -> Load:
     """Run the load; once KILL_AFTER_ACKNOWLEDGED turns are acknowledged, ``disrupt`` (kill a node, reshard)
-    runs in a thread while the load goes on. Both are bounded: ``deadline``, ``disruption_seconds``."""
-    load = Load()
+    runs in a thread while the load goes on. Both are bounded: ``deadline``, ``disruption_seconds``. With
+    ``last_turns_after`` every session's last turn waits until ``disrupt`` has returned."""
+    load = Load(disrupted=asyncio.Event() if last_turns_after else None)
     slots = asyncio.Semaphore(CONCURRENCY)
     headers = {"Authorization": f"Bearer {api_key}"}
 
@@ -84,7 +91,12 @@ async def drive(
     async def disruption() -> None:
         await load.enough.wait()
         load.killed_at = time.monotonic()
-        await asyncio.to_thread(disrupt)
+        try:
+            await asyncio.to_thread(disrupt)
+        finally:
+            load.disrupted_at = time.monotonic()
+            if load.disrupted is not None:
+                load.disrupted.set()
 
     async with httpx.AsyncClient(base_url=url, headers=headers) as client:
         disrupting = asyncio.create_task(disruption())

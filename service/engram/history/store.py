@@ -21,7 +21,8 @@ import base64
 import binascii
 import dataclasses
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -111,7 +112,15 @@ DEFAULT_MAX_WINDOW_MESSAGES = 10_000
 _STREAM_ID = re.compile(r"(0|[1-9]\d{0,19})-(0|[1-9]\d{0,19})")  # canonical, as Redis writes ids
 _MAX_ID_PART = 2**64 - 1
 MAX_CURSOR_LENGTH = 512  # a session id's cursor is at most 172 characters
-_CLUSTER_REDIRECTS = 8  # tries of a commit whose slot moves (a reshard): about 5 s of TRYAGAIN backoff
+MIGRATION_PATIENCE_SECONDS = 3.0  # how long a call waits for its slot to finish moving (a reshard)
+
+
+def _migration_backoff() -> Iterator[float]:
+    """Seconds to wait between tries of a call whose slot is moving: 20 ms doubling up to 200 ms, forever."""
+    delay = 0.02
+    while True:
+        yield delay
+        delay = min(delay * 2, 0.2)
 
 
 def _text(value: Any) -> str:
@@ -269,12 +278,30 @@ class HistoryStore:
         """Run one Redis call; load the function library once if Redis says it is missing."""
         async with redis_errors():
             try:
-                return await make_call()
+                return await self._through_migrations(make_call)
             except ResponseError as error:
                 if "Function not found" not in str(error):
                     raise
             await ensure_library(self.client)
+            return await self._through_migrations(make_call)
+
+    async def _through_migrations(self, make_call: Callable[[], Awaitable[T]]) -> T:
+        """On a Cluster, a call that meets its slot half migrated (a reshard moving the tenant's keys: TRYAGAIN,
+        which redis-py retries for only about 0.4 s) is sent again until the slot has moved, for up to
+        MIGRATION_PATIENCE_SECONDS: a reshard delays a turn instead of failing it. Safe to repeat: a call
+        refused with TRYAGAIN or a redirect did not run."""
+        if not isinstance(self.client, RedisCluster):
             return await make_call()
+        deadline = time.monotonic() + MIGRATION_PATIENCE_SECONDS
+        for delay in _migration_backoff():
+            try:
+                return await make_call()
+            except (TryAgainError, ClusterError) as error:
+                migrating = isinstance(error, TryAgainError) or "TTL exhausted" in str(error)
+                if not migrating or time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # (the backoff never ends)
 
     async def _call_on_session(
         self, function: str, keys: SessionKeys, *args: str | int, subject_key: str | None = None
@@ -563,7 +590,8 @@ class HistoryStore:
                 return list(await pipe.execute())
         await self.client.initialize()  # its slot map, once (a no-op after the first call)
         asked: ClusterNode | None = None
-        for attempt in range(_CLUSTER_REDIRECTS):
+        deadline = time.monotonic() + MIGRATION_PATIENCE_SECONDS
+        for delay in _migration_backoff():
             node = asked or self.client.get_node_from_key(key)
             pipe = self.client.pipeline()
             if asked is not None:
@@ -575,17 +603,17 @@ class HistoryStore:
             replies = replies[1:] if asked is not None else replies
             error = next((reply for reply in replies if isinstance(reply, Exception)), None)
             asked = None
+            if error is None:
+                return replies
+            if not isinstance(error, AskError | TryAgainError) or time.monotonic() + delay > deadline:
+                raise error
             if isinstance(error, MovedError):  # the slot has a new primary (a failover, a finished migration)
                 await self.client.nodes_manager.initialize()
             elif isinstance(error, AskError):  # the slot is migrating and these keys are already there
                 asked = self.client.get_node(host=error.host, port=error.port)
-            elif isinstance(error, TryAgainError):  # the session's keys are split mid-migration: wait
-                await asyncio.sleep(0.02 * 2**attempt)
-            elif error is not None:
-                raise error
-            else:
-                return replies
-        raise StoreUnavailable(f"Redis Cluster kept redirecting this session's slot ({_CLUSTER_REDIRECTS} tries)")
+            else:  # TRYAGAIN: the keys are split mid-migration; wait for the rest to move
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # (the backoff never ends)
 
     def _not_replicated(self, turn_id: str) -> NotReplicated:
         return NotReplicated(
