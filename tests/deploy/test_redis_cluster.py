@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,9 +43,10 @@ SECRET = {
     "replication-password": REPLICATION_PASSWORD,
     "exporter-password": EXPORTER_PASSWORD,
 }
-# The pod IPs of a fresh install, and the new ones after a restart of every pod.
+# The pod IPs of a fresh install, the new ones after a restart of every pod, and more for single restarts.
 FIRST_HOSTS = tuple(f"127.0.0.{41 + i}" for i in range(6))
 SECOND_HOSTS = tuple(f"127.0.0.{51 + i}" for i in range(6))
+SPARE_HOSTS = tuple(f"127.0.0.{57 + i}" for i in range(3))
 CLUSTER_VALUES = CHART / "ci" / "cluster-values.yaml"
 EXTERNAL_CLUSTER_VALUES = CHART / "ci" / "external-cluster-values.yaml"
 
@@ -287,10 +289,24 @@ class Pod:
         assert result.returncode == 0, result.stderr
         return result.stderr
 
+    def probe(self, mode: str) -> subprocess.CompletedProcess[str]:
+        """The kubelet's exec probe (probe.sh ready|live)."""
+        env = {**self.env(), "REDIS_PROBE_HOST": self.host}
+        return subprocess.run(
+            ["sh", str(self.conf / "probe.sh"), mode], env=env, capture_output=True, text=True, timeout=20,
+            check=False,
+        )  # fmt: skip
+
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process)
             self.process = None
+
+    def kill(self) -> None:
+        """kill -9 of the pod's processes, as a node crash would."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.stop()  # reaps it
 
     def log(self) -> str:
         return (self.root / "log").read_text(errors="replace")
@@ -371,6 +387,18 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(f"--- {pod.name}\n{pod.log()[-3000:]}" for pod in self.pods)
 
+    def restart_at(self, pod: Pod, host: str) -> str:
+        """The pod restarted by Kubernetes with a new IP: start.sh, then its postStart (returns its log)."""
+        pod.move(host, tuple(host if other is pod else other.host for other in self.pods))
+        pod.start()
+        return pod.post_start()
+
+    def wait_formed(self, what: str, timeout: float = 60) -> None:
+        try:
+            wait_until(lambda: formed(self.pods), timeout, what)
+        except TimeoutError as error:
+            raise AssertionError(f"{error}\n{self.logs()}") from error
+
     def service_client(self) -> RedisCluster:
         return RedisCluster(
             host=self.pods[0].host, port=self.port, username=SERVICE, password=SERVICE_PASSWORD,
@@ -398,6 +426,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             pod.start()
         for pod in pods:
             pod.post_start()
+        # Fresh nodes are Ready before the Job runs (else `helm install --wait` would never run the hook).
+        for pod in pods:
+            assert pod.probe("ready").returncode == 0, pod.probe("ready").stderr
         bootstrap = run_bootstrap(pods)
         assert bootstrap.returncode == 0, f"{bootstrap.stdout}\n{bootstrap.stderr}"
         topology = Cluster(pods, port, bootstrap)
@@ -422,8 +453,9 @@ def test_bootstrap_forms_three_primaries_with_a_replica_each_as_the_admin_user(c
     for secret in SECRET.values():
         if secret not in (ADMIN, SERVICE):
             assert secret not in output
-    # Replicas replicate with the chart's replication user.
+    # Replicas replicate with the chart's replication user; every pod is Ready.
     for pod in cluster.pods:
+        assert pod.probe("ready").returncode == 0, pod.probe("ready").stderr
         info = pod.admin().info("replication")
         if info["role"] == "slave":
             assert info["master_link_status"] == "up", info
@@ -521,3 +553,62 @@ def test_a_restart_of_every_pod_with_new_ips_reassembles_the_same_cluster(cluste
         assert {client.hget(f"engram:acme:{{acme:r{i}}}:meta", "epoch") for i in range(10)} == {"after-restart"}
     finally:
         client.close()
+
+
+def primary_and_replica(cluster: Cluster) -> tuple[Pod, Pod]:
+    """A primary pod with slots and the pod replicating it."""
+    nodes = cluster_nodes(cluster.pods[0])
+    by_address = {node.address.split(":")[0]: node for node in nodes.values()}
+    primary = next(pod for pod in cluster.pods if by_address[pod.host].is_primary and by_address[pod.host].slots)
+    primary_id = by_address[primary.host].id
+    replica = next(pod for pod in cluster.pods if by_address[pod.host].primary_id == primary_id)
+    return primary, replica
+
+
+def test_a_killed_primary_is_replaced_by_its_replica_and_comes_back_as_its_replica_at_a_new_ip(
+    cluster: Cluster,
+) -> None:
+    primary, replica = primary_and_replica(cluster)
+    primary_id = next(n.id for n in cluster_nodes(replica).values() if n.address.startswith(f"{primary.host}:"))
+    primary.kill()
+    others = [pod for pod in cluster.pods if pod is not primary]
+    try:
+        wait_until(
+            lambda: (
+                replica.admin().info("replication")["role"] == "master"
+                and all(pod.cluster_info()["cluster_state"] == "ok" for pod in others)
+            ),
+            30,
+            "the cluster to promote the replica (with the chart's replication user and nodes.conf)",
+        )
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{cluster.logs()}") from error
+    # Kubernetes restarts the pod, with a new IP: it rejoins as the replica of the promoted one.
+    cluster.restart_at(primary, SPARE_HOSTS[0])
+    cluster.wait_formed("the old primary to rejoin as a replica")
+    back = cluster_nodes(replica)[primary_id]
+    assert "slave" in back.flags and back.address.startswith(f"{SPARE_HOSTS[0]}:")
+    wait_until(lambda: primary.admin().info("replication")["master_link_status"] == "up", 30, "its sync")
+    assert all(pod.probe("ready").returncode == 0 for pod in cluster.pods)
+    client = cluster.service_client()
+    try:
+        for i in range(10):
+            client.hset(f"engram:acme:{{acme:f{i}}}:meta", "epoch", "after-failover")
+        assert {client.hget(f"engram:acme:{{acme:f{i}}}:meta", "epoch") for i in range(10)} == {"after-failover"}
+    finally:
+        client.close()
+
+
+def test_a_lost_shard_makes_every_pod_unready_until_it_is_back(cluster: Cluster) -> None:
+    primary, replica = primary_and_replica(cluster)
+    primary.kill()
+    replica.kill()
+    others = [pod for pod in cluster.pods if pod not in (primary, replica)]
+    # A third of the slots has no node: no pod is Ready, so neither a rolling update nor a drain goes on.
+    wait_until(lambda: all(pod.probe("ready").returncode != 0 for pod in others), 30, "every other pod to be unready")
+    assert "cluster_state:fail" in others[0].probe("ready").stderr
+    assert all(pod.probe("live").returncode == 0 for pod in others)  # unready, never restarted for it
+    cluster.restart_at(primary, SPARE_HOSTS[1])
+    cluster.restart_at(replica, SPARE_HOSTS[2])
+    cluster.wait_formed("the shard to be back")
+    wait_until(lambda: all(pod.probe("ready").returncode == 0 for pod in cluster.pods), 30, "every pod Ready again")
