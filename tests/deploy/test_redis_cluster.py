@@ -11,6 +11,7 @@ AOF; durability on disk is not what this checks).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -521,6 +522,56 @@ def test_chart_users_exist_on_every_node_replicas_included(cluster: Cluster) -> 
                 service.execute_command(*command)
     roles = sorted(pod.admin().info("replication")["role"] for pod in cluster.pods)
     assert roles == ["master"] * 3 + ["slave"] * 3
+
+
+def test_engrams_own_cluster_clients_commit_a_replicated_turn_with_the_chart_users(cluster: Cluster) -> None:
+    """Engram's service and operator code (ENGRAM_REDIS_MODE=cluster, as the chart sets it) on the chart's
+    cluster: the operator's user loads the library on every primary, the service's commits a turn that a
+    replica confirms (FCALL + WAIT) and reads it back. Skipped where the service has no cluster mode yet."""
+    connections = pytest.importorskip("engram.connections")
+    functions = pytest.importorskip("engram.history.functions")
+    history = pytest.importorskip("engram.history")
+    from engram.settings import Settings
+
+    def settings(username: str, password: str) -> Any:
+        return Settings(
+            redis_mode="cluster",
+            redis_url=f"redis://{cluster.pods[0].host}:{cluster.port}",
+            redis_username=username,
+            redis_password=password,
+            commit_durability="replicated",
+        )
+
+    try:
+        service_settings = settings(SERVICE, SERVICE_PASSWORD)
+    except ValueError as error:
+        pytest.skip(f"the service has no cluster mode here: {error}")
+    if not hasattr(connections, "key_space"):
+        pytest.skip("the service has no cluster key layout here")
+
+    async def turn() -> tuple[list[str], bool]:
+        admin = connections.create_redis(settings(ADMIN, ADMIN_PASSWORD))
+        service = connections.create_redis(service_settings)
+        try:
+            await functions.ensure_library(admin)
+            store = history.HistoryStore(
+                service, connections.key_space(service_settings), commit_durability="replicated"
+            )
+            committed = await store.commit_turn("acme", "chart-s1", "t1", "hello", "hi there")
+            again = await store.commit_turn("acme", "chart-s1", "t1", "hello", "hi there")
+            window = await store.load_window("acme", "chart-s1", 1000)
+            assert [m.content for m in committed.messages] == ["hello", "hi there"]
+            return [m.content for m in window.messages], again.duplicate
+        finally:
+            await service.aclose()
+            await admin.aclose()
+
+    contents, duplicate = asyncio.run(turn())
+    assert contents == ["hello", "hi there"] and duplicate
+    # The library is on every primary (the operator's user loaded it through the cluster client).
+    for pod in cluster.pods:
+        if pod.admin().info("replication")["role"] == "master":
+            assert pod.admin().function_list(library="engram*"), pod.name
 
 
 def test_a_restart_of_every_pod_with_new_ips_reassembles_the_same_cluster(cluster: Cluster) -> None:
