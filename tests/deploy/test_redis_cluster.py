@@ -554,6 +554,8 @@ def test_engrams_own_cluster_clients_commit_a_replicated_turn_with_the_chart_use
         service = connections.create_redis(service_settings)
         try:
             await functions.ensure_library(admin)
+            if hasattr(connections, "cluster_nodes"):  # where the operator puts tenant users: every node
+                assert len(await connections.cluster_nodes(admin)) == len(cluster.pods)
             store = history.HistoryStore(
                 service, connections.key_space(service_settings), commit_durability="replicated"
             )
