@@ -69,7 +69,7 @@ def test_sentinel_mode_renders_sentinels_pdbs_and_no_primary_only_service() -> N
     assert budgets["engram-redis"]["maxUnavailable"] == 1
     secret_keys = set(rendered.one("Secret", "engram-redis-auth")["data"])
     assert {"sentinel-password", "sentinel-monitor-password"} <= secret_keys
-    # No Redis Cluster bus port anywhere (cluster mode is not supported yet).
+    # No Redis Cluster bus port anywhere (that is cluster mode's).
     assert "16379" not in json.dumps(rendered.docs)
 
 
@@ -126,7 +126,6 @@ def test_external_sentinels_are_passed_with_credentials_from_the_existing_secret
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "redis.mode=cluster"], "redis.mode=cluster (Redis Cluster) is not supported by the chart yet"),
         (["--set", "redis.mode=sentinel"], "redis.mode=sentinel needs redis.replicas >= 2"),
         (
             ["--set", "redis.enabled=false", "--set", "redis.mode=sentinel", "--set", "externalRedis.url=redis://x/0"],

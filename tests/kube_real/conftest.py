@@ -39,8 +39,9 @@ REQUIRED = os.environ.get("ENGRAM_REQUIRE_CONTROL_PLANE") == "1"
 
 # The release every test module may rely on: the chart with its defaults, installed once per session.
 RELEASE, RELEASE_NAMESPACE = "engram", "engram"
-# Static volumes: each bundled Redis claims one and a released volume is never reused (Retain).
-PERSISTENT_VOLUMES = 16
+# Static volumes: each bundled Redis pod claims one and a released volume is never reused (Retain); the
+# cluster-mode values file alone claims 6.
+PERSISTENT_VOLUMES = 24
 # The admin Redis user the operator logs in as (the chart's redis.auth.adminUsername).
 REDIS_ADMIN = "engram-admin"
 

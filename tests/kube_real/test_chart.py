@@ -65,6 +65,13 @@ def prepare_for(plane: ControlPlane, values: Path, namespace: str) -> None:
             "--from-literal=service-username=engram-service", "--from-literal=service-password=s",
         )  # fmt: skip
         plane.kubectl("create", "secret", "generic", "vllm-api-key", "-n", namespace, "--from-literal=api-key=k")
+    if values.name == "external-cluster-values.yaml":
+        # The Redis Cluster's credentials are the user's Secret (the chart's users exist on every node).
+        plane.kubectl(
+            "create", "secret", "generic", "engram-redis-credentials", "-n", namespace,
+            "--from-literal=admin-username=engram-admin", "--from-literal=admin-password=a",
+            "--from-literal=service-username=engram-service", "--from-literal=service-password=s",
+        )  # fmt: skip
     if values.name == "external-sentinel-values.yaml":
         # The Sentinel-managed Redis' credentials, with the Sentinels' password, are the user's Secret.
         plane.kubectl(
@@ -168,11 +175,19 @@ def test_helm_install_wait_with_each_ci_values_file_then_uninstall_leaves_nothin
     installed = plane.get("memorynamespaces", "-n", release.namespace)["items"]
     assert sorted(m["metadata"]["name"] for m in installed) == sorted(samples)
 
-    if name in ("external-redis", "external-sentinel"):
+    if name in ("external-redis", "external-sentinel", "external-cluster"):
         assert not workloads["statefulsets"], "no bundled Redis with an external one"
     if name == "sentinel":
         ready = {s["metadata"]["name"]: s["status"]["readyReplicas"] for s in workloads["statefulsets"]}
         assert ready == {f"{release.fullname}-redis": 3, f"{release.fullname}-sentinel": 3}, ready
+    if name == "cluster":
+        # 6 Redis pods, each with its claim; the bootstrap hook Job "succeeded" (kwok runs no script: the script
+        # is run against real redis-server processes in tests/deploy/test_redis_cluster.py) and was deleted.
+        [redis] = workloads["statefulsets"]
+        assert redis["status"]["readyReplicas"] == 6
+        claims = plane.get("pvc", "-n", release.namespace)["items"]
+        assert len(claims) == 6 and all(c["status"]["phase"] == "Bound" for c in claims)
+        assert not plane.exists("job", f"{release.fullname}-redis-cluster-bootstrap", "-n", release.namespace)
     if name == "ha-redis":
         [redis] = workloads["statefulsets"]
         assert redis["status"]["readyReplicas"] == 3  # the primary and 2 replicas

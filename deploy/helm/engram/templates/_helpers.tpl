@@ -99,19 +99,24 @@ engram.redis.sentinel.fullname / headless: the Sentinels' StatefulSet and headle
 {{- end }}
 
 {{/*
-engram.redis.mode: the topology (standalone or sentinel), checked. Redis Cluster is refused with a message,
-and the bundled sentinel mode needs at least two replicas (one to promote, one more to keep a copy).
+engram.redis.mode: the topology (standalone, sentinel or cluster), checked: the bundled sentinel mode needs at
+least two replicas (one to promote, one more to keep a copy), the bundled cluster mode at least three primaries
+(Redis Cluster's own minimum) each with redis.cluster.replicasPerPrimary replicas.
 */}}
 {{- define "engram.redis.mode" -}}
 {{- $mode := .Values.redis.mode | default "standalone" }}
-{{- if eq $mode "cluster" }}
-{{- fail "redis.mode=cluster (Redis Cluster) is not supported by the chart yet: use redis.mode=standalone or sentinel" }}
-{{- end }}
 {{- if and (eq $mode "sentinel") .Values.redis.enabled (lt (int .Values.redis.replicas) 2) }}
 {{- fail (printf "redis.mode=sentinel needs redis.replicas >= 2 (got %d): a failover promotes one replica and keeps another" (int .Values.redis.replicas)) }}
 {{- end }}
 {{- if and (eq $mode "sentinel") (not .Values.redis.enabled) (empty .Values.externalRedis.sentinel.hosts) }}
 {{- fail "redis.mode=sentinel with redis.enabled=false needs externalRedis.sentinel.hosts (host:port of each Sentinel)" }}
+{{- end }}
+{{- if and (eq $mode "cluster") .Values.redis.enabled }}
+{{- $nodes := int .Values.redis.cluster.nodes }}
+{{- $group := add1 (int .Values.redis.cluster.replicasPerPrimary) }}
+{{- if or (lt $nodes (mul 3 $group)) (ne (mod $nodes $group) 0) }}
+{{- fail (printf "redis.mode=cluster needs redis.cluster.nodes to be a multiple of replicasPerPrimary+1 (%d) and at least 3 primaries' worth (%d); got %d" $group (mul 3 $group) $nodes) }}
+{{- end }}
 {{- end }}
 {{- $mode }}
 {{- end }}
@@ -146,14 +151,27 @@ engram.redis.sentinels: ENGRAM_REDIS_SENTINELS, "host:port,host:port,...".
 
 {{/*
 engram.redis.podHostList: every Redis pod's stable DNS name, space-separated (sentinel mode's start scripts
-ask them for their ROLE when no Sentinel answers).
+ask them for their ROLE when no Sentinel answers; cluster mode's bootstrap Job and rejoin step reach each node
+by it).
 */}}
 {{- define "engram.redis.podHostList" -}}
 {{- $hosts := list }}
-{{- range $i := until (int (add1 .Values.redis.replicas)) }}
+{{- range $i := until (int (include "engram.redis.podCount" .)) }}
 {{- $hosts = append $hosts (printf "%s-%d.%s.%s.svc" (include "engram.redis.fullname" $) $i (include "engram.redis.headless" $) $.Release.Namespace) }}
 {{- end }}
 {{- join " " $hosts }}
+{{- end }}
+
+{{/*
+engram.redis.podCount: the Redis StatefulSet's size: redis.cluster.nodes in cluster mode, else the primary and
+its redis.replicas.
+*/}}
+{{- define "engram.redis.podCount" -}}
+{{- if eq (include "engram.redis.mode" .) "cluster" }}
+{{- int .Values.redis.cluster.nodes }}
+{{- else }}
+{{- add1 (int .Values.redis.replicas) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -200,10 +218,14 @@ exporter-password for the bundled Redis).
 
 {{/*
 engram.redis.url: the URL of the Redis primary that the chat service and the operator use. For the
-bundled Redis it is the "<fullname>-redis" Service, which always selects pod 0 (the primary).
+bundled Redis it is the "<fullname>-redis" Service, which always selects pod 0 (the primary); in cluster mode
+a seed node (the headless Service's name, or externalRedis.url).
 */}}
 {{- define "engram.redis.url" -}}
-{{- if and .Values.redis.enabled (eq (include "engram.redis.mode" .) "sentinel") }}
+{{- if and .Values.redis.enabled (eq (include "engram.redis.mode" .) "cluster") }}
+{{- /* A seed only: the headless name resolves to every pod; the client learns the cluster's map from any of them. */ -}}
+{{- printf "redis://%s.%s.svc:%d" (include "engram.redis.headless" .) .Release.Namespace (int .Values.redis.service.port) }}
+{{- else if and .Values.redis.enabled (eq (include "engram.redis.mode" .) "sentinel") }}
 {{- /* The Sentinels give the primary; the URL only gives the database. */ -}}
 {{- printf "redis://%s.%s.svc:%d/0" (include "engram.redis.headless" .) .Release.Namespace (int .Values.redis.service.port) }}
 {{- else if .Values.redis.enabled }}
@@ -218,8 +240,8 @@ engram.redis.replicaUrls: comma-separated URLs of every replica. The operator ap
 to each of them, because Redis does not replicate ACLs.
 */}}
 {{- define "engram.redis.replicaUrls" -}}
-{{- if eq (include "engram.redis.mode" .) "sentinel" }}
-{{- /* none: in sentinel mode the operator asks the Sentinels for every node */ -}}
+{{- if has (include "engram.redis.mode" .) (list "sentinel" "cluster") }}
+{{- /* none: the operator asks the Sentinels (sentinel mode) or the cluster's slot map (cluster mode) for every node */ -}}
 {{- else if .Values.redis.enabled }}
 {{- $urls := list }}
 {{- range $i := untilStep 1 (int (add1 .Values.redis.replicas)) 1 }}
@@ -283,7 +305,7 @@ how to log in, and the key namespace.
 {{- end }}
 {{- end }}
 - name: ENGRAM_COMMIT_DURABILITY
-  value: {{ .Values.config.commitDurability | default (ternary "replicated" "local" (eq $mode "sentinel")) | quote }}
+  value: {{ .Values.config.commitDurability | default (ternary "local" "replicated" (eq $mode "standalone")) | quote }}
 - name: ENGRAM_COMMIT_REPLICA_TIMEOUT_MS
   value: {{ .Values.config.commitReplicaTimeoutMs | quote }}
 {{- end }}
