@@ -365,17 +365,25 @@ def run_bootstrap(pods: list[Pod], timeout: int = 60) -> subprocess.CompletedPro
 
 
 def formed(pods: list[Pod], primaries: int = 3) -> bool:
-    """cluster_state:ok on every pod, all slots assigned, `primaries` primaries each with one replica."""
+    """cluster_state:ok on every pod, all slots assigned, `primaries` primaries each with one replica, as every
+    pod sees it (gossip has spread: each pod's view of each node's role and primary is the same)."""
     if any(pod.cluster_info().get("cluster_state") != "ok" for pod in pods):
         return False
-    nodes = cluster_nodes(pods[0])
-    primary_ids = {node.id for node in nodes.values() if node.is_primary and node.slots}
-    replicas = [node for node in nodes.values() if "slave" in node.flags]
-    return (
-        len(nodes) == len(pods)
-        and len(primary_ids) == primaries
-        and sorted(node.primary_id for node in replicas) == sorted(primary_ids)
-        and all(pod.cluster_info()["cluster_slots_assigned"] == "16384" for pod in pods)
+    views = []
+    for pod in pods:
+        nodes = cluster_nodes(pod)
+        primary_ids = {node.id for node in nodes.values() if node.is_primary and node.slots}
+        replicas = [node for node in nodes.values() if "slave" in node.flags]
+        if not (
+            len(nodes) == len(pods)
+            and len(primary_ids) == primaries
+            and sorted(node.primary_id for node in replicas) == sorted(primary_ids)
+            and not any(flag.startswith("fail") for node in nodes.values() for flag in node.flags)
+        ):
+            return False
+        views.append({i: ("slave" in n.flags, n.primary_id, n.slots) for i, n in nodes.items()})
+    return all(view == views[0] for view in views) and all(
+        pod.cluster_info()["cluster_slots_assigned"] == "16384" for pod in pods
     )
 
 
