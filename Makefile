@@ -58,7 +58,7 @@ format: install ## Apply ruff's fixes and formatting
 ##@ Run
 
 .PHONY: run
-run: install ## Local stack: redis-server (REDIS_MODE=sentinel: 1 primary, 2 replicas, 3 Sentinels), $(REPLICAS) replicas, HAProxy round-robin (no affinity), web page
+run: install ## Local stack: redis-server (REDIS_MODE=sentinel: 1 primary, 2 replicas, 3 Sentinels; REDIS_MODE=cluster: 3 primaries + 3 replicas), $(REPLICAS) replicas, HAProxy round-robin (no affinity), web page
 	REPLICAS=$(REPLICAS) REDIS_MODE=$(REDIS_MODE) scripts/run-local.sh
 
 .PHONY: bench
