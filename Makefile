@@ -62,7 +62,7 @@ run: install ## Local stack: redis-server (REDIS_MODE=sentinel: 1 primary, 2 rep
 	REPLICAS=$(REPLICAS) REDIS_MODE=$(REDIS_MODE) scripts/run-local.sh
 
 .PHONY: bench
-bench: install ## Benchmarks: per-turn cost vs the alternatives, end to end through make run's stack, footprint, bursts on one replica, standalone vs Sentinel and local vs replicated commits (writes docs/benchmarks.md)
+bench: install ## Benchmarks: per-turn cost vs the alternatives, end to end through make run's stack, footprint, bursts on one replica, standalone vs Sentinel vs Cluster and local vs replicated commits (writes docs/benchmarks.md)
 	$(PY) -m bench
 
 include deploy/deploy.mk
