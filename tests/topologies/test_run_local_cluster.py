@@ -2,7 +2,8 @@
 through HAProxy to the replicas, each commit lands on the primary of the session's hash slot (which /metrics
 names), a replica has every acknowledged turn (replicated commits are the default), and a killed primary's
 replica takes its slots over: while it has no replica of its own, turns are refused (JSON 503, Retry-After),
-never half stored; once the killed node is back (as the new primary's replica) the conversation goes on."""
+never half stored; once the killed node is back (as the new primary's replica) the conversation goes on, and
+the next ``make run`` re-forms the same cluster and remembers it."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def slot_nodes(port: int, slot: int) -> list[int]:
     raise AssertionError(f"no node serves slot {slot}")
 
 
+def turn(client: httpx.Client, n: int, within: float = 30.0) -> httpx.Response:
+    """Turn ``n`` of session ``s``, retried while it gets 503 (a test may retry sooner than Retry-After), for
+    ``within`` s at most."""
+    body = {"session_id": "s", "message": f"message {n}", "turn_id": f"t{n}"}
+    deadline = time.monotonic() + within
+    while (answer := client.post("/v1/chat", json=body)).status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return answer
+
+
 def restarted(port: int, bus_port: int, directory: Path) -> subprocess.Popen[bytes]:
     """A killed node of run-local.sh's cluster started again as the script starts it (its AOF and nodes.conf
     are in ``directory``), as a user would restart it."""
@@ -79,12 +90,7 @@ def test_make_run_on_a_cluster_commits_on_the_slots_primary_and_survives_a_kille
         assert f"3 primaries + 3 replicas on ports {redis_port}-{redis_port + 5}" in stack.output, stack.output
 
         def say(n: int, within: float = 30.0) -> httpx.Response:
-            """Turn ``n``, retried while it gets 503 (a test may retry sooner than Retry-After), for ``within`` s."""
-            body = {"session_id": "s", "message": f"message {n}", "turn_id": f"t{n}"}
-            deadline = time.monotonic() + within
-            while (answer := client.post("/v1/chat", json=body)).status_code == 503 and time.monotonic() < deadline:
-                time.sleep(0.2)
-            return answer
+            return turn(client, n, within)
 
         log_key = KeySpace(tenant_slot=True).session("default", "s").log
         with redis.Redis(port=redis_port, decode_responses=True) as seed:
@@ -117,7 +123,7 @@ def test_make_run_on_a_cluster_commits_on_the_slots_primary_and_survives_a_kille
 
         wait_until(refused_for_no_replica, 30, "a turn refused for want of a replica")
         index = primary - redis_port
-        node = restarted(primary, bus_base + index, tmp_path / "run" / "cluster" / f"node-{index}")
+        rejoined = restarted(primary, bus_base + index, tmp_path / "run" / "cluster" / f"node-{index}")
         try:
             answer = say(4)
             assert answer.status_code == 200 and '"message 3"' in answer.json()["reply"], answer.text
@@ -131,9 +137,21 @@ def test_make_run_on_a_cluster_commits_on_the_slots_primary_and_survives_a_kille
             assert commits_by_node(replica_ports) == {f"127.0.0.1:{primary}": 4.0, f"127.0.0.1:{replica}": 1.0}
             returncode = stack.stop(signal.SIGTERM)
         finally:
-            node.kill()
-            node.wait(10)
+            rejoined.kill()
+            rejoined.wait(10)
     assert returncode == 143, stack.output
     assert stack.leftovers == [], stack.leftovers
-    for port in [lb, *range(redis_port, redis_port + NODES), *replica_ports, *range(bus_base, bus_base + NODES)]:
+    every_port = [lb, *range(redis_port, redis_port + NODES), *replica_ports, *range(bus_base, bus_base + NODES)]
+    for port in every_port:
+        assert port_is_free(port), f"port {port} still open after SIGTERM"
+
+    # The next run re-forms the same cluster from each node's nodes.conf and AOF: the conversation goes on.
+    again = LocalStack(env, log=tmp_path / "run-local-2.out")
+    with again, httpx.Client(base_url=f"http://127.0.0.1:{lb}", timeout=10) as client:
+        answer = turn(client, 6)
+        assert answer.status_code == 200 and '"message 5"' in answer.json()["reply"], answer.text
+        assert again.stop(signal.SIGTERM) == 143, again.output
+    assert (tmp_path / "run" / "logs" / "cluster-create.log").read_text().count("[OK] All 16384 slots covered") == 1
+    assert again.leftovers == [], again.leftovers
+    for port in every_port:
         assert port_is_free(port), f"port {port} still open after SIGTERM"
