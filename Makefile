@@ -58,11 +58,11 @@ format: install ## Apply ruff's fixes and formatting
 ##@ Run
 
 .PHONY: run
-run: install ## Local stack: redis-server (REDIS_MODE=sentinel: 1 primary, 2 replicas, 3 Sentinels), $(REPLICAS) replicas, HAProxy round-robin (no affinity), web page
+run: install ## Local stack: redis-server (REDIS_MODE=sentinel: 1 primary, 2 replicas, 3 Sentinels; REDIS_MODE=cluster: 3 primaries + 3 replicas), $(REPLICAS) replicas, HAProxy round-robin (no affinity), web page
 	REPLICAS=$(REPLICAS) REDIS_MODE=$(REDIS_MODE) scripts/run-local.sh
 
 .PHONY: bench
-bench: install ## Benchmarks: per-turn cost vs the alternatives, end to end through make run's stack, footprint, bursts on one replica, standalone vs Sentinel and local vs replicated commits (writes docs/benchmarks.md)
+bench: install ## Benchmarks: per-turn cost vs the alternatives, end to end through make run's stack, footprint, bursts on one replica, standalone vs Sentinel vs Cluster and local vs replicated commits (writes docs/benchmarks.md)
 	$(PY) -m bench
 
 include deploy/deploy.mk

@@ -15,8 +15,14 @@
 #   REDIS_PORT=6390          the local redis-server (in sentinel mode: the first primary)
 #   REDIS_MODE=standalone    standalone: one redis-server; sentinel: a primary and 2 replicas (REDIS_PORT+1, +2)
 #                            watched by 3 redis-sentinel (SENTINEL_BASE_PORT..+2): kill the primary, the
-#                            replicas keep answering after a failover of about 2 s (docs/design.md)
+#                            replicas keep answering after a failover of about 2 s (docs/design.md);
+#                            cluster: a Redis Cluster of 3 primaries + 3 replicas (REDIS_PORT..REDIS_PORT+5, made
+#                            by redis-cli --cluster create, data in RUN_DIR/cluster): kill a primary, its replica
+#                            takes over its slots. Sentinel and cluster mode commit with ENGRAM_COMMIT_DURABILITY=
+#                            replicated unless it is set
 #   SENTINEL_BASE_PORT=26390 sentinel mode: the Sentinels' ports
+#   CLUSTER_BUS_BASE_PORT    cluster mode: node n's cluster bus port is CLUSTER_BUS_BASE_PORT+n (default
+#                            REDIS_PORT+10000, Redis' own rule)
 #   RUN_DIR=.run             data, logs, rendered configs
 #   WORKERS=1                uvicorn workers per replica
 #   STOP_GRACE=5             seconds each process gets after SIGTERM on Ctrl-C before it is SIGKILLed
@@ -49,10 +55,16 @@ die() { printf '[run-local] error: %s\n' "$*" >&2; exit 1; }
 
 [[ "$REPLICAS" =~ ^[1-9][0-9]*$ ]] || die "REPLICAS must be a positive number, got '$REPLICAS'"
 case "$REDIS_MODE" in
-    standalone) redis_ports=("$REDIS_PORT") sentinel_ports=() ;;
+    standalone) redis_ports=("$REDIS_PORT") sentinel_ports=() bus_ports=() ;;
     sentinel) redis_ports=("$REDIS_PORT" $((REDIS_PORT + 1)) $((REDIS_PORT + 2)))
-        sentinel_ports=("$SENTINEL_BASE_PORT" $((SENTINEL_BASE_PORT + 1)) $((SENTINEL_BASE_PORT + 2))) ;;
-    *) die "REDIS_MODE must be standalone or sentinel, got '$REDIS_MODE'" ;;
+        sentinel_ports=("$SENTINEL_BASE_PORT" $((SENTINEL_BASE_PORT + 1)) $((SENTINEL_BASE_PORT + 2))) bus_ports=() ;;
+    cluster)
+        CLUSTER_BUS_BASE_PORT="${CLUSTER_BUS_BASE_PORT:-$((REDIS_PORT + 10000))}"
+        [[ "$CLUSTER_BUS_BASE_PORT" =~ ^[1-9][0-9]*$ ]] && ((CLUSTER_BUS_BASE_PORT + 5 <= 65535)) \
+            || die "CLUSTER_BUS_BASE_PORT must be a port number up to 65530, got '$CLUSTER_BUS_BASE_PORT'"
+        redis_ports=() sentinel_ports=() bus_ports=()
+        for ((n = 0; n < 6; n++)); do redis_ports+=($((REDIS_PORT + n))) bus_ports+=($((CLUSTER_BUS_BASE_PORT + n))); done ;;
+    *) die "REDIS_MODE must be standalone, sentinel or cluster, got '$REDIS_MODE'" ;;
 esac
 case "$LB_AFFINITY" in
     none) balance="balance roundrobin" lb_mode="round-robin per request, no affinity" ;;
@@ -66,6 +78,7 @@ missing=()
 [[ -n "$(find_bin redis-server)" ]] || missing+=(redis-server)
 [[ -n "$(find_bin haproxy)" ]] || missing+=(haproxy)
 [[ "$REDIS_MODE" != sentinel || -n "$(find_bin redis-sentinel)" ]] || missing+=(redis-sentinel)
+[[ "$REDIS_MODE" != cluster || -n "$(find_bin redis-cli)" ]] || missing+=(redis-tools)
 if ((${#missing[@]})); then
     say "installing ${missing[*]} with apt-get"
     sudo=""
@@ -88,13 +101,15 @@ fi
 
 # --- ports must be free ---------------------------------------------------------------------------------
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-ports=("$PORT" "${redis_ports[@]}" "${sentinel_ports[@]}")
+ports=("$PORT" "${redis_ports[@]}" "${sentinel_ports[@]}" "${bus_ports[@]}")
 for ((i = 0; i < REPLICAS; i++)); do ports+=($((REPLICA_BASE_PORT + i))); done
 for port in "${ports[@]}"; do
-    port_busy "$port" && die "port $port is in use (another 'make run'?); choose others with PORT=, REPLICA_BASE_PORT=, REDIS_PORT="
+    port_busy "$port" && die "port $port is in use (another 'make run'?); choose others with PORT=, REPLICA_BASE_PORT=, REDIS_PORT=, SENTINEL_BASE_PORT=, CLUSTER_BUS_BASE_PORT="
 done
 
-mkdir -p "$RUN_DIR/redis" "$RUN_DIR/logs" "$RUN_DIR/metrics"
+data_dir=redis
+[[ "$REDIS_MODE" == cluster ]] && data_dir=cluster
+mkdir -p "$RUN_DIR/$data_dir" "$RUN_DIR/logs" "$RUN_DIR/metrics"
 RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 
 # --- stop everything on Ctrl-C or SIGTERM, in bounded time ------------------------------------------------
@@ -134,7 +149,7 @@ cleanup() {
     ((${#front[@]} == 0)) || stop_group "${front[@]}"
     ((${#back[@]} == 0)) || stop_group "${back[@]}"
     wait 2>/dev/null || true
-    say "stopped; conversations are kept in $RUN_DIR/redis"
+    say "stopped; conversations are kept in $RUN_DIR/$data_dir"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -181,14 +196,21 @@ http_ok() (  # http_ok PORT PATH: a 200 from a plain HTTP/1.0 GET
 # An aclfile: the tenants' ACL users (ACL SAVEd by `engram tenant`) survive restarts of this Redis.
 # Sentinel mode: node 0 starts as the primary, the others as its replicas (each node keeps its AOF, so a node
 # that was a replica when you stopped holds what the primary had); the Sentinels get fresh configs each run.
+# Cluster mode: each node keeps its AOF and nodes.conf in RUN_DIR/cluster/node-N (a cluster's keys are laid out
+# per tenant hash slot, so it never shares the other modes' data), and the next run re-forms the same cluster.
 redis_env=(ENGRAM_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0")
 for ((n = 0; n < ${#redis_ports[@]}; n++)); do
     node_dir="$RUN_DIR/redis"
     ((n == 0)) || node_dir="$RUN_DIR/redis-$n"
+    follow=()
+    ((n == 0)) || [[ "$REDIS_MODE" == cluster ]] || follow=(--replicaof 127.0.0.1 "$REDIS_PORT")
+    if [[ "$REDIS_MODE" == cluster ]]; then
+        node_dir="$RUN_DIR/cluster/node-$n"
+        follow=(--cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000
+            --cluster-port "${bus_ports[n]}")
+    fi
     mkdir -p "$node_dir"
     touch "$node_dir/users.acl"
-    follow=()
-    ((n == 0)) || follow=(--replicaof 127.0.0.1 "$REDIS_PORT")
     start redis "$RUN_DIR/logs/redis${n/#0/}.log" "$REDIS_SERVER" --port "${redis_ports[n]}" --bind 127.0.0.1 \
         --dir "$node_dir" --appendonly yes --appendfsync everysec --save "" --protected-mode yes \
         --aclfile "$node_dir/users.acl" "${follow[@]}"
@@ -210,6 +232,44 @@ if [[ "$REDIS_MODE" == sentinel ]]; then
     # A turn is acknowledged once a replica has it: a primary killed right after answering loses nothing
     # (with local durability the last turns before a kill -9 can be lost; docs/design.md). Override freely.
     redis_env+=(ENGRAM_REDIS_MODE=sentinel ENGRAM_REDIS_SENTINELS="$sentinels"
+        ENGRAM_COMMIT_DURABILITY="${ENGRAM_COMMIT_DURABILITY:-replicated}")
+fi
+if [[ "$REDIS_MODE" == cluster ]]; then
+    REDIS_CLI="$(find_bin redis-cli)"
+    cli() { "$REDIS_CLI" -h 127.0.0.1 -p "$1" "${@:2}"; }
+    formed=0  # nodes that already belong to a cluster of more than themselves (a previous run's)
+    for port in "${redis_ports[@]}"; do
+        [[ "$(cli "$port" CLUSTER INFO | tr -d '\r' | sed -n 's/^cluster_known_nodes://p')" -gt 1 ]] && formed=$((formed + 1))
+    done
+    if ((formed == 0)); then
+        nodes=()
+        for port in "${redis_ports[@]}"; do nodes+=("127.0.0.1:$port"); done
+        cli "$REDIS_PORT" --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes \
+            >>"$RUN_DIR/logs/cluster-create.log" 2>&1 \
+            || die "redis-cli --cluster create failed; see $RUN_DIR/logs/cluster-create.log"
+    elif ((formed < ${#redis_ports[@]})); then
+        die "only $formed of ${#redis_ports[@]} nodes in $RUN_DIR/cluster belong to a cluster: remove $RUN_DIR/cluster to start afresh"
+    fi
+    # cluster_ready: every node says cluster_state:ok, knows all 6 nodes and sees 3 of them as replicas (gossip
+    # has spread), and 3 primaries serve slots, each with a replica in sync (a replicated commit's WAIT has one)
+    cluster_ready() {
+        local port info serving=0
+        for port in "${redis_ports[@]}"; do
+            info="$(cli "$port" CLUSTER INFO | tr -d '\r')" || return 1
+            [[ "$info" == *cluster_state:ok* && "$info" == *"cluster_known_nodes:${#redis_ports[@]}"* ]] || return 1
+            [[ "$(cli "$port" CLUSTER NODES | awk '$3 ~ /slave/ && $3 !~ /fail/' | wc -l)" -eq 3 ]] || return 1
+        done
+        for port in "${redis_ports[@]}"; do
+            info="$(cli "$port" INFO replication | tr -d '\r')" || return 1
+            if [[ "$info" == *role:master* ]] && cli "$port" CLUSTER NODES | grep -q "myself,master.* connected [0-9]"; then
+                [[ "$info" == *state=online* ]] || return 1  # a replica connected and in sync
+                serving=$((serving + 1))
+            fi
+        done
+        ((serving == 3))
+    }
+    wait_until "the Redis Cluster" "${pids[0]}" 60 cluster_ready
+    redis_env=(ENGRAM_REDIS_MODE=cluster ENGRAM_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
         ENGRAM_COMMIT_DURABILITY="${ENGRAM_COMMIT_DURABILITY:-replicated}")
 fi
 
@@ -268,7 +328,11 @@ say "  API         http://$host:$PORT/v1/chat   (OpenAPI: http://$host:$PORT/ope
 for ((i = 1; i <= REPLICAS; i++)); do
     say "  metrics     replica $i: http://127.0.0.1:$((REPLICA_BASE_PORT + i - 1))/metrics"
 done
-say "  redis       redis://127.0.0.1:$REDIS_PORT/0   (AOF on, data in $RUN_DIR/redis)"
+if [[ "$REDIS_MODE" == cluster ]]; then
+    say "  cluster     3 primaries + 3 replicas on ports $REDIS_PORT-$((REDIS_PORT + 5)), seed redis://127.0.0.1:$REDIS_PORT (AOF on, data in $RUN_DIR/cluster)"
+else
+    say "  redis       redis://127.0.0.1:$REDIS_PORT/0   (AOF on, data in $RUN_DIR/redis)"
+fi
 [[ "$REDIS_MODE" == sentinel ]] && say "  sentinel    replicas on ports $((REDIS_PORT + 1)), $((REDIS_PORT + 2)); Sentinels $sentinels (service engram)"
 say "  logs        $RUN_DIR/logs/"
 say "  load test   $PYTHON -m engram.server loadgen --url http://$host:$PORT --sessions 20 --turns 10 --concurrency 5${page_fragment:+ --api-key \$(cat $RUN_DIR/demo-api-key)}"

@@ -1,6 +1,7 @@
 """`make bench` at tiny sizes, so the harness never rots: the per-turn cost at 10 and 100 messages, summary
 mode at 10 and 100, the three end-to-end stacks (2 replicas each, real HAProxy), the Redis topologies
-(standalone and Sentinel, each with 2 replicas, local and replicated commits) at 100, and the report. Checks that
+(standalone and Sentinel, each with 2 replicas, and a Redis Cluster of 3 primaries + 3 replicas; local and
+replicated commits) at 100, and the report. Checks that
 every output is complete and sane; no timing is asserted (this machine's speed is not what is tested)."""
 
 from __future__ import annotations
@@ -92,16 +93,22 @@ def check_summary(result: dict[str, Any]) -> None:
 def check_topologies(result: dict[str, Any]) -> None:
     rows = {(row["size"], row["contender"]): row for row in result["rows"]}
     assert set(rows) == {(100, name) for name in TOPOLOGY_CONTENDERS}
-    assert set(TOPOLOGY_CONTENDERS) == {f"{t}/{d}" for t in ("standalone", "sentinel") for d in ("local", "replicated")}
+    topologies = ("standalone", "sentinel", "cluster")
+    assert set(TOPOLOGY_CONTENDERS) == {f"{t}/{d}" for t in topologies for d in ("local", "replicated")}
     for row in rows.values():
         assert row["turns"] == 3 and 0 < row["median_ms"] <= row["p99_ms"] and row["ratio"] > 0, row
         assert row["window_messages"] == 50, row  # 3,000 tokens of ≈60-token messages
-        # one load, one commit, in every topology; a warm client does not ask the Sentinels per turn
+        # one load, one commit, in every topology (in a cluster, counting sends to any node); a warm client
+        # neither asks the Sentinels nor reads the cluster's slot map per turn
         assert row["round_trips"] == 2.0 and row["sentinel_round_trips"] == 0.0, row
-        # replicated: the commit's WAIT is a third command, sent in the commit's round trip
+        # replicated: the commit's WAIT is a third command, sent in the commit's round trip (in a cluster:
+        # all three on the primary of the session's slot, counted there)
         assert row["commands"] == (3.0 if row["durability"] == "replicated" else 2.0), row
     assert rows[(100, "standalone/local")]["ratio"] == 1.0
-    assert result["replicas"] == {"standalone": 2, "sentinel": 2}  # `replicated` had replicas to wait for
+    # the cluster's sessions (one tenant: one hash slot) are all on one primary, where commands were counted
+    assert rows[(100, "cluster/local")]["node"] == rows[(100, "cluster/replicated")]["node"]
+    # `replicated` had replicas to wait for
+    assert result["replicas"] == {"standalone": 2, "sentinel": 2, "cluster": 1}
 
 
 def check_report(markdown: str) -> None:
@@ -129,12 +136,16 @@ def check_report(markdown: str) -> None:
     assert "| `engram-summary` |" in markdown and "| `csmb+redis` |" in markdown
     assert "ChatSummaryMemoryBuffer" in markdown
     assert "## 7. Redis topologies" in markdown
-    assert "| sentinel per-turn cost ≤ 1.3× standalone's (same durability, worst size) |" in markdown
-    every_topology = "| round trips per turn 2.0 in every topology (standalone, sentinel; `local` and `replicated`) |"
+    for topology in ("sentinel", "cluster"):
+        assert f"| {topology} per-turn cost ≤ 1.3× standalone's (same durability, worst size) |" in markdown
+    every_topology = (
+        "| round trips per turn 2.0 in every topology (standalone, sentinel, cluster; `local` and `replicated`) |"
+    )
     assert f"{every_topology} 2.0–2.0 | yes |" in markdown
     for name in TOPOLOGY_CONTENDERS:
         assert f"| `{name}` |" in markdown
-    assert "one 2-core machine over loopback" in markdown and "Redis Cluster" in markdown
+    assert "one 2-core machine over loopback" in markdown and "cluster: 3 primaries + 1 replica each" in markdown
+    assert "Redis Cluster (not supported yet" not in markdown
 
 
 def test_bench_harness_at_tiny_sizes_writes_complete_results_and_report(tmp_path: Path) -> None:
