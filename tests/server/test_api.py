@@ -11,6 +11,7 @@ import uuid
 
 import httpx
 
+from testkit.redis_server import RedisServer
 from tests.server.support import ServiceProcess, chat, metric, scrape
 
 
@@ -32,12 +33,15 @@ def sse_events(text: str) -> list[tuple[str, dict[str, object]]]:
     return events
 
 
-def test_chat_reply_has_the_contract_fields_and_served_by_header(service: ServiceProcess) -> None:
+def test_chat_reply_has_the_contract_fields_and_served_by_header(
+    service: ServiceProcess, module_redis: RedisServer
+) -> None:
     session = new_session("contract")
     response = chat(service.url, session, "hello")
     assert response.status_code == 200
     body = response.json()
-    assert set(body) == {"session_id", "turn_id", "reply", "served_by", "history"}
+    assert set(body) == {"session_id", "turn_id", "reply", "served_by", "redis_node", "history"}
+    assert body["redis_node"] == f"127.0.0.1:{module_redis.port}"  # the Redis that took the commit
     assert body["session_id"] == session and body["turn_id"]
     assert body["history"] == {"cache": "miss", "messages": 0}
     assert re.fullmatch(r".+:\d+", body["served_by"])

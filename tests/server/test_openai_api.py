@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,15 +66,17 @@ def test_the_official_sdk_lists_the_served_model(stack: Stack) -> None:
 def test_ten_turns_over_alternating_replicas_keep_the_whole_conversation(stack: Stack) -> None:
     session = new_session()
     client = stack.client(session)
-    served_by, replies = set(), []
+    served_by, redis_nodes, replies = set(), set(), []
     for n in range(1, 11):
         raw = client.chat.completions.with_raw_response.create(model="echo", messages=[user(f"fact number {n}")])
         served_by.add(raw.headers["x-served-by"])
+        redis_nodes.add(raw.headers["x-engram-redis-node"])  # the Redis that holds the session
         assert raw.headers["x-engram-session"] == session
         completion = raw.parse()
         assert completion.object == "chat.completion" and completion.choices[0].finish_reason == "stop"
         replies.append(completion.choices[0].message.content)
     assert len(served_by) == 2, "HAProxy must spread the turns over both replicas"
+    assert len(redis_nodes) == 1 and re.fullmatch(r"127\.0\.0\.1:\d+", redis_nodes.pop())
     # The client sent one message per call; turn 10's model was given turns 1 to 9 (18 messages).
     assert replies[9] == 'You said before: "fact number 9". I was given 18 earlier messages.'
     stored = stack.messages(session)
@@ -158,6 +161,7 @@ def test_without_a_session_the_conversation_sent_is_answered_and_nothing_is_stor
     raw = client.chat.completions.with_raw_response.create(model="echo", messages=messages)
     assert raw.parse().choices[0].message.content == 'You said before: "first". I was given 2 earlier messages.'
     assert raw.headers["x-engram-cache"] == "off" and "x-engram-session" not in raw.headers
+    assert "x-engram-redis-node" not in raw.headers
     after = httpx.get(f"{stack.url}/v1/sessions?limit=1000", headers={"Authorization": f"Bearer {stack.key}"}).json()
     assert after == before
 

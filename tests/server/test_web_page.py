@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+from testkit.redis_server import RedisServer
 from tests.server.browser import Page
 from tests.server.support import REPO, ServiceProcess
 
@@ -16,6 +17,7 @@ def replies(page: Page) -> list[dict[str, str]]:
     script = """Array.from(document.querySelectorAll('#messages .msg.assistant')).map(li => ({
         text: li.firstChild.textContent,
         served_by: li.querySelector('.meta')?.dataset.servedBy ?? null,
+        redis_node: li.querySelector('.meta')?.dataset.redisNode ?? null,
         cache: li.querySelector('.meta')?.dataset.cache ?? null,
         messages: li.querySelector('.meta')?.dataset.messages ?? null,
     }))"""
@@ -28,7 +30,9 @@ def send(page: Page, text: str, replies_before: int) -> None:
     page.wait_for(f"document.querySelectorAll('#messages .msg.assistant').length > {replies_before}")
 
 
-def test_page_chats_shows_replica_and_cache_per_turn_and_keeps_the_session(service: ServiceProcess, page: Page) -> None:
+def test_page_chats_shows_replica_redis_node_and_cache_per_turn_and_keeps_the_session(
+    service: ServiceProcess, module_redis: RedisServer, page: Page
+) -> None:
     page.navigate(service.url + "/")
     session_id = page.wait_for(
         "document.getElementById('session-id').textContent.startsWith('web-') && "
@@ -49,6 +53,7 @@ def test_page_chats_shows_replica_and_cache_per_turn_and_keeps_the_session(servi
     assert second["messages"] == "2"
     meta = page.evaluate("document.querySelectorAll('#messages .meta')[1].textContent")
     assert second["served_by"] in meta and second["cache"] in meta
+    assert second["redis_node"] == f"127.0.0.1:{module_redis.port}" and f"redis {second['redis_node']}" in meta
     page.screenshot(ARTIFACTS / "web-page.png")
 
     page.navigate(service.url + "/")  # a reload keeps the session and shows the stored conversation

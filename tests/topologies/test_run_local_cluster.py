@@ -100,6 +100,7 @@ def test_make_run_on_a_cluster_commits_on_the_slots_primary_and_survives_a_kille
         for n in range(4):  # round-robin: both service replicas commit
             answer = say(n)
             assert answer.status_code == 200, answer.text
+            assert answer.json()["redis_node"] == f"127.0.0.1:{primary}"  # what the page shows per turn
         assert f'"message {n - 1}"' in answer.json()["reply"], answer.text
         # the commit node is the primary serving the session's slot, on every replica's /metrics
         assert commits_by_node(replica_ports) == {f"127.0.0.1:{primary}": 4.0}

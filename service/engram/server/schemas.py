@@ -49,6 +49,9 @@ class ChatReply(BaseModel):
     turn_id: str
     reply: str
     served_by: str = Field(description="host:pid of the process that answered")
+    redis_node: str | None = Field(
+        None, description="host:port of the Redis primary that holds the session and took the commit (null: memory off)"
+    )
     history: HistoryInfo
 
     @classmethod
@@ -59,6 +62,7 @@ class ChatReply(BaseModel):
             turn_id=result.turn_id,
             reply=result.reply,
             served_by=result.served_by,
+            redis_node=result.redis_node,
             history=history,
         )
 

@@ -131,6 +131,7 @@ class TurnResult:
     turn_id: str
     reply: str
     served_by: str
+    redis_node: str | None  # host:port of the Redis primary that holds the session (None: memory off)
     cache: HistoryOutcome
     messages: int  # earlier messages of the session the model was given the window of
     prompt_tokens: int  # what the model was given, counted as Engram stores tokens (cl100k_base)
@@ -223,8 +224,7 @@ async def commit(ctx: TurnContext, turn: ValidTurn, reply: str) -> CommittedTurn
         _check_same_message(committed, turn)
     elif committed.usage is not None:  # stored in Redis (ENGRAM_MEMORY=off stores nothing)
         metrics.observe_usage(ctx.tenant.name, committed.usage)
-        session_log = ctx.store.keys.session(ctx.tenant.name, turn.session_id).log
-        metrics.observe_commit_node(primary_address(ctx.store.client, session_log))
+        metrics.observe_commit_node(redis_node(ctx, turn.session_id) or "none")
     return committed
 
 
@@ -363,11 +363,20 @@ class Turn:
             self.turn.turn_id,
             reply,
             self.ctx.served_by,
+            redis_node(self.ctx, self.turn.session_id),
             window.outcome,
             messages,
             self.prompt_tokens,
             reply_tokens,
         )
+
+
+def redis_node(ctx: TurnContext, session_id: str) -> str | None:
+    """``host:port`` of the Redis primary a session's commits go to now (on a Cluster, its slot's primary),
+    or None when the turn's memory stores nothing."""
+    if isinstance(ctx.memory, NullMemory):
+        return None
+    return primary_address(ctx.store.client, ctx.store.keys.session(ctx.tenant.name, session_id).log)
 
 
 def failure_outcome(error: BaseException) -> str:

@@ -29,7 +29,7 @@ from engram.server.openai_api import (
     usage_chunk,
 )
 from engram.server.streaming import TurnStreamingResponse, sse
-from engram.server.turn import NullMemory, Turn, start_turn
+from engram.server.turn import NullMemory, Turn, redis_node, start_turn
 
 router = APIRouter(tags=["openai"])
 STARTED = now()
@@ -123,6 +123,7 @@ async def chat_completions(
     }
     if session_id is not None:
         headers["X-Engram-Session"] = session_id
+        headers["X-Engram-Redis-Node"] = redis_node(ctx, session_id) or ""
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return TurnStreamingResponse(turn, _chunks(turn, body.model, created, include_usage), headers)

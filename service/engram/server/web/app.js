@@ -38,7 +38,10 @@ function addMessage(role, text, meta) {
     line.dataset.cache = meta.cache;
     line.dataset.messages = String(meta.messages);
     line.dataset.api = meta.api;
-    line.append("via " + meta.api + " · served by " + meta.served_by + " · history ");
+    line.dataset.redisNode = meta.redis_node || "";
+    line.append("via " + meta.api + " · served by " + meta.served_by);
+    if (meta.redis_node) line.append(" · redis " + meta.redis_node);
+    line.append(" · history ");
     const badge = document.createElement("span");
     badge.className = "badge " + meta.cache;
     badge.textContent = meta.cache;
@@ -86,7 +89,8 @@ const APIS = {
     body: (text, turnId) => ({ session_id: sessionId(), message: text, turn_id: turnId }),
     headers: () => ({}),
     reply: (data) => ({
-      text: data.reply, served_by: data.served_by, cache: data.history.cache, messages: data.history.messages,
+      text: data.reply, served_by: data.served_by, redis_node: data.redis_node,
+      cache: data.history.cache, messages: data.history.messages,
     }),
   },
   openai: {
@@ -97,6 +101,7 @@ const APIS = {
     reply: (data, response) => ({
       text: data.choices[0].message.content,
       served_by: response.headers.get("X-Served-By"),
+      redis_node: response.headers.get("X-Engram-Redis-Node"),
       cache: response.headers.get("X-Engram-Cache"),
       messages: response.headers.get("X-Engram-History-Messages"),
     }),
