@@ -184,8 +184,9 @@ async def redis_errors() -> AsyncIterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as error:
         raise StoreUnavailable(f"Redis is unavailable: {error}") from error
-    except (ClusterError, TryAgainError, RedisClusterException) as error:
+    except (ClusterError, TryAgainError, AskError, RedisClusterException) as error:
         # a Cluster without a primary for the slot (a failover), or a slot still moving after the retries
+        # (AskError: MOVED and ASK redirects redis-py did not follow)
         raise StoreUnavailable(f"Redis Cluster is unavailable for this session: {error}") from error
     except RuntimeError as error:
         # uvloop's answer to a write on a connection the node closed (a killed node), where asyncio's is an
@@ -605,8 +606,10 @@ class HistoryStore:
             asked = None
             if error is None:
                 return replies
-            if not isinstance(error, AskError | TryAgainError) or time.monotonic() + delay > deadline:
+            if not isinstance(error, AskError | TryAgainError):
                 raise error
+            if time.monotonic() + delay > deadline:
+                raise StoreUnavailable(f"Redis Cluster: this session's hash slot is still moving ({error})")
             if isinstance(error, MovedError):  # the slot has a new primary (a failover, a finished migration)
                 await self.client.nodes_manager.initialize()
             elif isinstance(error, AskError):  # the slot is migrating and these keys are already there
