@@ -5,6 +5,7 @@ step by step as ``redis-cli --cluster reshard`` takes it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 
@@ -18,8 +19,9 @@ from engram.history import HistoryStore
 from engram.history.functions import LIBRARY_NAME
 from engram.llama_index import store_from_url
 from engram.policy import Policy
-from engram.settings import Settings
+from engram.settings import Settings, get_settings
 from engram.tenancy import acl
+from engram.tenancy.cli import EXIT_OK, main
 from engram.tenancy.nodes import RedisNodes
 from engram.tenancy.provision import Credentials, TenantSpec, ensure_tenant, record_for
 from testkit.cluster import ClusterTopology
@@ -192,3 +194,43 @@ async def test_a_turn_meeting_its_slot_mid_migration_waits_then_fails_whole_and_
         assert contents == ["first", "ok", "second", "ok"]
     finally:
         await store.client.aclose()
+
+
+def test_engram_tenant_on_a_cluster_sets_users_on_every_node_and_purges_every_key(
+    redis_cluster: ClusterTopology, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENGRAM_REDIS_MODE", "cluster")
+    monkeypatch.setenv("ENGRAM_REDIS_URL", redis_cluster.seed)
+    get_settings.cache_clear()
+    try:
+        assert main(["tenant", "create", "acme"]) == EXIT_OK
+        assert main(["tenant", "create", "umbrella"]) == EXIT_OK
+        assert capsys.readouterr().out.split()[0].startswith("egk_acme.")  # acme's API key
+        username = acl.acl_username(key_space(Settings()), "acme")
+        for node in redis_cluster.nodes:
+            with node.client() as client:
+                assert client.acl_getuser(username), node.port
+
+        async def write() -> None:
+            store = store_from_url(redis_cluster.url)
+            try:
+                for tenant in TENANTS:
+                    for n in range(5):
+                        await store.commit_turn(tenant, f"s{n}", "t1", "hello", "hi")
+            finally:
+                await store.client.aclose()
+
+        asyncio.run(write())
+        assert main(["tenant", "delete", "acme", "--purge"]) == EXIT_OK
+        assert "purged 5 sessions" in capsys.readouterr().err
+        for node in redis_cluster.primaries():
+            with node.client() as client:
+                assert client.keys("engram:acme:*") == []  # SCAN ran on every primary
+        for node in redis_cluster.nodes:
+            with node.client() as client:
+                assert client.execute_command("ACL", "GETUSER", username) is None
+        umbrella = redis_cluster.primary_of_slot(tenant_slot(redis_cluster, "umbrella"))
+        with umbrella.client() as client:
+            assert len(client.keys("engram:umbrella:*")) > 5  # the other tenant is untouched
+    finally:
+        get_settings.cache_clear()
