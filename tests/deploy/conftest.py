@@ -7,6 +7,7 @@ so the whole folder runs in seconds.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -75,6 +76,26 @@ class Rendered:
     def workloads(self) -> list[dict[str, Any]]:
         """Everything that runs pods: Deployments, StatefulSets, Jobs (hooks) and bare Pods (the test hook)."""
         return [doc for doc in self.docs if doc["kind"] in ("Deployment", "StatefulSet", "Job", "Pod")]
+
+
+def render_redis_config(conf: Path, known: set[str], *settings: str) -> None:
+    """The chart's Redis ConfigMap (start scripts and configs) written to ``conf``, a file per key, to run for
+    real: the ACL allow-lists cut to the commands this server ``known``s (Debian's 7.0 lacks a few), replicas
+    that sync at once, no AOF (a replica refuses SIGTERM while it writes its first one), and ``settings``
+    (``--set-json`` items: mode, ports, timeouts)."""
+    acl = yaml.safe_load((CHART / "values.yaml").read_text())["redis"]["acl"]
+    args = ["template", RELEASE, str(CHART), "-s", "templates/redis-configmap.yaml"]
+    for item in (
+        f"redis.acl.serviceCommands={json.dumps([c for c in acl['serviceCommands'] if c in known])}",
+        f"redis.acl.adminCommands={json.dumps([c for c in acl['adminCommands'] if c in known])}",
+        f"redis.extraConfig={json.dumps(chr(10).join(['repl-diskless-sync-delay 0', 'appendonly no']))}",
+        *settings,
+    ):
+        args += ["--set-json", item]
+    data = yaml.safe_load(helm(*args).stdout)["data"]
+    conf.mkdir(parents=True, exist_ok=True)
+    for name, content in data.items():
+        (conf / name).write_text(content)
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ AOF; durability on disk is not what this checks).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -30,7 +29,7 @@ from redis.cluster import RedisCluster
 from testkit.processes import LEAK_MARKER, stop_process
 from testkit.redis_server import commands_known, free_port, strict_client
 from testkit.sentinel import wait_until
-from tests.deploy.conftest import CHART, RELEASE, helm, render
+from tests.deploy.conftest import CHART, RELEASE, helm, render, render_redis_config
 
 ADMIN, ADMIN_PASSWORD = "engram-admin", "admin-secret-c1"
 SERVICE, SERVICE_PASSWORD = "engram-service", "service-secret-c1"
@@ -209,23 +208,8 @@ def test_three_primaries_without_replicas_render() -> None:
 
 
 def render_config(conf: Path, port: int, bus_port: int, known: set[str]) -> None:
-    acl = yaml.safe_load((CHART / "values.yaml").read_text())["redis"]["acl"]
-    args = ["template", RELEASE, str(CHART), "-s", "templates/redis-configmap.yaml"]
-    for item in (
-        'redis.mode="cluster"',
-        f"redis.acl.serviceCommands={json.dumps([c for c in acl['serviceCommands'] if c in known])}",
-        f"redis.acl.adminCommands={json.dumps([c for c in acl['adminCommands'] if c in known])}",
-        f"redis.service.port={port}",
-        f"redis.cluster.busPort={bus_port}",
-        "redis.cluster.nodeTimeout=2000",
-        # Replicas sync at once, a stopping primary does not wait for its replicas; no AOF (module docstring).
-        f"redis.extraConfig={json.dumps(chr(10).join(['repl-diskless-sync-delay 0', 'appendonly no']))}",
-    ):
-        args += ["--set-json", item]
-    data = yaml.safe_load(helm(*args).stdout)["data"]
-    conf.mkdir(parents=True, exist_ok=True)
-    for name, content in data.items():
-        (conf / name).write_text(content)
+    settings = [f"redis.service.port={port}", f"redis.cluster.busPort={bus_port}", "redis.cluster.nodeTimeout=2000"]
+    render_redis_config(conf, known, 'redis.mode="cluster"', *settings)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import yaml
 from testkit.processes import LEAK_MARKER, stop_process
 from testkit.redis_server import commands_known, free_port, strict_client
 from testkit.sentinel import wait_until
-from tests.deploy.conftest import CHART, RELEASE, helm, render
+from tests.deploy.conftest import CHART, RELEASE, helm, render, render_redis_config
 
 ADMIN, ADMIN_PASSWORD = "engram-admin", "admin-secret-1"
 SERVICE, SERVICE_PASSWORD = "engram-service", "service-secret-1"
@@ -161,23 +161,16 @@ def known_commands(root: Path) -> set[str]:
 
 
 def render_config(conf: Path, redis_port: int, sentinel_port: int, known: set[str]) -> None:
-    acl = yaml.safe_load((CHART / "values.yaml").read_text())["redis"]["acl"]
-    args = ["template", RELEASE, str(CHART), "-s", "templates/redis-configmap.yaml", *sentinel_values()]
-    for item in (
-        f"redis.acl.serviceCommands={json.dumps([c for c in acl['serviceCommands'] if c in known])}",
-        f"redis.acl.adminCommands={json.dumps([c for c in acl['adminCommands'] if c in known])}",
+    render_redis_config(
+        conf,
+        known,
+        'redis.mode="sentinel"',
+        "redis.replicas=2",
         f"redis.service.port={redis_port}",
         f"redis.sentinel.port={sentinel_port}",
         "redis.sentinel.downAfterMilliseconds=1000",
         "redis.sentinel.failoverTimeout=10000",
-        # Replicas sync at once (no 5 s wait for more replicas); no AOF (see the module docstring).
-        f"redis.extraConfig={json.dumps('repl-diskless-sync-delay 0' + chr(10) + 'appendonly no')}",
-    ):
-        args += ["--set-json", item]
-    data = yaml.safe_load(helm(*args).stdout)["data"]
-    conf.mkdir(parents=True, exist_ok=True)
-    for name, content in data.items():
-        (conf / name).write_text(content)
+    )
 
 
 @dataclass

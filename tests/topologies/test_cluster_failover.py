@@ -16,7 +16,6 @@ tests/artifacts/reliability/cluster-failover-<durability>.json.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,13 +40,6 @@ from tests.topologies.failover import (
     stored_figures,
     tenant_user_nodes,
 )
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ClusterTopology]:
-    nodes = ClusterTopology(tmp_path / "cluster").start()
-    yield nodes
-    nodes.stop()
 
 
 @pytest.mark.parametrize("durability", ["replicated", "local"])

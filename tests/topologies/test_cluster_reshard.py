@@ -11,7 +11,6 @@ once and in order, on the new primary. Figures go to tests/artifacts/reliability
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,13 +25,6 @@ from tests.server.support import ServiceProcess, service_env
 from tests.topologies.failover import TENANT, drive, provision, stored_figures
 
 FILLER_SESSIONS = 2000
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ClusterTopology]:
-    nodes = ClusterTopology(tmp_path / "cluster").start()
-    yield nodes
-    nodes.stop()
 
 
 @pytest.mark.parametrize("durability", ["replicated", "local"])
