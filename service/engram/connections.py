@@ -51,8 +51,8 @@ class EngramRedisCluster(RedisCluster):
     ``FCALL fn numkeys key...`` has the same shape, so it is read the same way: a turn stays two round trips.
     """
 
-    engram_settings: Settings  # what it was made from (clone_cluster_client)
-    engram_target: ClusterTarget
+    # what it was made from: settings, seed nodes, credentials (clone_cluster_client)
+    engram_made_from: tuple[Settings, ClusterTarget, dict[str, Any]]
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         if command.upper() in ("FCALL", "FCALL_RO") and len(args) >= 2 and int(args[1]) > 0:
@@ -255,21 +255,13 @@ def _cluster_client(settings: Settings, target: ClusterTarget, credentials: dict
         reinitialize_steps=0,
         **credentials,
     )
-    client.engram_settings, client.engram_target = settings, ClusterTarget(target.nodes, **_named(credentials))
+    client.engram_made_from = (settings, target, credentials)
     return client
-
-
-def _named(credentials: dict[str, Any]) -> dict[str, Any]:
-    return {"username": credentials.get("username"), "password": credentials.get("password")}
 
 
 def clone_cluster_client(client: EngramRedisCluster) -> EngramRedisCluster:
     """A new Cluster client made as ``client`` was (fresh connections, e.g. for another event loop)."""
-    return _cluster_client(
-        client.engram_settings,
-        client.engram_target,
-        _credentials(client.engram_target.username, client.engram_target.password),
-    )
+    return _cluster_client(*client.engram_made_from)
 
 
 def _sentinel_client(settings: Settings, target: SentinelTarget, credentials: dict[str, Any]) -> aioredis.Redis:
