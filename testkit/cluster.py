@@ -49,6 +49,8 @@ class ClusterTopology:
         self.primaries_wanted, self.replicas_per_primary = primaries, replicas_per_primary
         self.node_timeout_ms = node_timeout_ms
         self.cli_auth = cli_auth
+        self.extra_redis_args = extra_redis_args
+        self.without_replicas: set[int] = set()  # ports of primaries added without replicas
         self.nodes = [self._redis(f"redis-{i}", port, extra_redis_args) for i, port in enumerate(ports)]
 
     def _redis(self, name: str, port: int, extra: tuple[str, ...]) -> Node:
@@ -100,6 +102,33 @@ class ClusterTopology:
         if done.returncode != 0:
             raise RuntimeError(f"redis-cli {' '.join(args[:2])} failed ({done.returncode}): {done.stdout}{done.stderr}")
         return done.stdout
+
+    def add_primary(self, timeout: float = 30.0) -> Node:
+        """Start one more node (same settings) and add it as an empty primary (``redis-cli --cluster add-node``)."""
+        template = self.nodes[0]
+        node = self._redis(f"redis-{len(self.nodes)}", free_port(), self.extra_redis_args)
+        self.nodes.append(node)
+        node.spawn().wait_ready()
+        self.cli("--cluster", "add-node", f"127.0.0.1:{node.port}", f"127.0.0.1:{template.port}", timeout=timeout)
+        node_id = self.node_id(node)
+
+        def known_everywhere() -> bool:  # (gossip spreads the new node; redis-cli asks any node about it)
+            with self._client(node) as client:  # and the new node has learnt the slot map
+                if "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                    return False
+            for other in self.nodes:
+                with self._client(other) as client:
+                    if not any(
+                        line.startswith(node_id) and "master" in line.split()[2]
+                        for line in client.execute_command("CLUSTER", "NODES").splitlines()
+                    ):
+                        return False
+            return True
+
+        wait_until(known_everywhere, timeout, f"every node to know the added node {node.port}")
+        self.primaries_wanted += 1  # (it serves no slot until some are moved to it)
+        self.without_replicas.add(node.port)
+        return node
 
     # --- what the cluster says --------------------------------------------------------------------
     @property
@@ -177,8 +206,9 @@ class ClusterTopology:
                         return False
                 if self.slots_of(node):
                     serving += 1
+                    wanted = 0 if node.port in self.without_replicas else self.replicas_per_primary
                     with self._client(node) as client:
-                        if int(client.info("replication")["connected_slaves"]) < self.replicas_per_primary:
+                        if int(client.info("replication")["connected_slaves"]) < wanted:
                             return False
             return serving == self.primaries_wanted
 

@@ -70,10 +70,15 @@ async def test_a_turn_is_two_round_trips_to_the_sessions_primary_and_nothing_to_
 
 
 async def provision(cluster: ClusterTopology) -> dict[str, Credentials]:
+    """The tenants, as `engram tenant create` or the operator make them: users on every node there is now."""
+    return await provision_again(cluster, {tenant: Credentials.generate(tenant) for tenant in TENANTS})
+
+
+async def provision_again(cluster: ClusterTopology, credentials: dict[str, Credentials]) -> dict[str, Credentials]:
+    """What the operator's drift repair does: ensure every tenant on every node there is now."""
     settings = settings_of(cluster)
     keys = key_space(settings)
     nodes = RedisNodes.from_settings(settings)
-    credentials = {tenant: Credentials.generate(tenant) for tenant in TENANTS}
     try:
         for tenant, secret in credentials.items():
             await ensure_tenant(nodes, keys, record_for(keys, TenantSpec(tenant, Policy()), secret, owner="cli"))
@@ -234,3 +239,34 @@ def test_engram_tenant_on_a_cluster_sets_users_on_every_node_and_purges_every_ke
             assert len(client.keys("engram:umbrella:*")) > 5  # the other tenant is untouched
     finally:
         get_settings.cache_clear()
+
+
+async def test_a_primary_added_to_the_cluster_gets_the_library_and_the_tenants_users(cluster: ClusterTopology) -> None:
+    """A node added with ``redis-cli --cluster add-node`` and given the tenant's slot: the next turn there runs
+    (the library is loaded on it if it lacks it) and the drift repair gives it the tenants' ACL users."""
+    credentials = await provision(cluster)
+    store = store_from_url(cluster.url)
+    try:
+        await store.commit_turn("acme", "s1", "t1", "before", "ok")
+        added = cluster.add_primary()
+        slot = tenant_slot(cluster, "acme")
+        source = cluster.primary_of_slot(slot)
+        count = sorted(cluster.slots_of(source)).index(slot) + 1  # the source's lowest slots, up to acme's
+        cluster.cli(
+            "--cluster", "reshard", f"127.0.0.1:{source.port}", "--cluster-from", cluster.node_id(source),
+            "--cluster-to", cluster.node_id(added), "--cluster-slots", str(count), "--cluster-yes",
+        )  # fmt: skip
+        cluster.wait_healthy()
+        assert cluster.primary_of_slot(slot) is added
+        await store.commit_turn("acme", "s1", "t2", "after", "ok")
+        assert [m.content for m in await store.all_messages("acme", "s1")] == ["before", "ok", "after", "ok"]
+    finally:
+        await store.client.aclose()
+    with added.client() as client:
+        assert [entry[1] for entry in client.function_list()] == [LIBRARY_NAME]
+    username = acl.acl_username(key_space(Settings()), "acme")
+    with added.client() as client:
+        assert not client.acl_getuser(username)  # ACL users are not replicated, nor copied by add-node
+    await provision_again(cluster, credentials)
+    with as_tenant(added, "acme", credentials["acme"]) as acme:
+        assert acme.xlen(key_space(settings_of(cluster)).session("acme", "s1").log) == 4
