@@ -591,11 +591,17 @@ def test_a_restart_of_every_pod_with_new_ips_reassembles_the_same_cluster(cluste
     # The bootstrap Job of the next upgrade finds the cluster formed and leaves it alone.
     again = run_bootstrap(cluster.pods)
     assert again.returncode == 0 and "nothing to create" in again.stdout, again.stderr
+    assert_service_user_writes_and_reads(cluster, "after-restart")
+
+
+def assert_service_user_writes_and_reads(cluster: Cluster, value: str) -> None:
+    """The service user, through redis-py's cluster client, writes and reads back keys of ten sessions."""
     client = cluster.service_client()
     try:
-        for i in range(10):
-            client.hset(f"engram:acme:{{acme:r{i}}}:meta", "epoch", "after-restart")
-        assert {client.hget(f"engram:acme:{{acme:r{i}}}:meta", "epoch") for i in range(10)} == {"after-restart"}
+        keys = [f"engram:acme:{{acme:{value}-{i}}}:meta" for i in range(10)]
+        for key in keys:
+            client.hset(key, "epoch", value)
+        assert {client.hget(key, "epoch") for key in keys} == {value}
     finally:
         client.close()
 
@@ -635,13 +641,7 @@ def test_a_killed_primary_is_replaced_by_its_replica_and_comes_back_as_its_repli
     assert "slave" in back.flags and back.address.startswith(f"{SPARE_HOSTS[0]}:")
     wait_until(lambda: primary.admin().info("replication")["master_link_status"] == "up", 30, "its sync")
     assert all(pod.probe("ready").returncode == 0 for pod in cluster.pods)
-    client = cluster.service_client()
-    try:
-        for i in range(10):
-            client.hset(f"engram:acme:{{acme:f{i}}}:meta", "epoch", "after-failover")
-        assert {client.hget(f"engram:acme:{{acme:f{i}}}:meta", "epoch") for i in range(10)} == {"after-failover"}
-    finally:
-        client.close()
+    assert_service_user_writes_and_reads(cluster, "after-failover")
 
 
 def test_a_lost_shard_makes_every_pod_unready_until_it_is_back(cluster: Cluster) -> None:

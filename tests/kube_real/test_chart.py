@@ -57,21 +57,15 @@ def release_objects(plane: ControlPlane, release: Release) -> list[str]:
 def prepare_for(plane: ControlPlane, values: Path, namespace: str) -> None:
     """What a values file expects the cluster to have already, created as its user would."""
     plane.kubectl("create", "namespace", namespace)
-    if values.name == "external-redis-values.yaml":
-        # The managed Redis' credentials and the model's API key are the user's Secrets.
+    if values.name in ("external-redis-values.yaml", "external-cluster-values.yaml"):
+        # The managed Redis' (or Redis Cluster's, users on every node) credentials are the user's Secret.
         plane.kubectl(
             "create", "secret", "generic", "engram-redis-credentials", "-n", namespace,
             "--from-literal=admin-username=engram-admin", "--from-literal=admin-password=a",
             "--from-literal=service-username=engram-service", "--from-literal=service-password=s",
         )  # fmt: skip
+    if values.name == "external-redis-values.yaml":  # and the model's API key
         plane.kubectl("create", "secret", "generic", "vllm-api-key", "-n", namespace, "--from-literal=api-key=k")
-    if values.name == "external-cluster-values.yaml":
-        # The Redis Cluster's credentials are the user's Secret (the chart's users exist on every node).
-        plane.kubectl(
-            "create", "secret", "generic", "engram-redis-credentials", "-n", namespace,
-            "--from-literal=admin-username=engram-admin", "--from-literal=admin-password=a",
-            "--from-literal=service-username=engram-service", "--from-literal=service-password=s",
-        )  # fmt: skip
     if values.name == "external-sentinel-values.yaml":
         # The Sentinel-managed Redis' credentials, with the Sentinels' password, are the user's Secret.
         plane.kubectl(
