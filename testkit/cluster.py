@@ -8,21 +8,13 @@ failovers and reshards are polled with deadlines, never slept for.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import redis
 
-from testkit.redis_server import free_port, redis_server_binary
+from testkit.redis_server import free_port, redis_binary, redis_server_binary
 from testkit.sentinel import FAST_REPLICA, Node, wait_until
-
-
-def redis_cli_binary() -> str:
-    binary = shutil.which("redis-cli")
-    if binary is None:
-        raise RuntimeError("redis-cli is not installed: run `make install` (it installs the Debian package)")
-    return binary
 
 
 class ClusterTopology:
@@ -93,7 +85,7 @@ class ClusterTopology:
     def cli(self, *args: str, timeout: float = 60.0) -> str:
         """Run ``redis-cli <auth> <args>``; its output, or RuntimeError with it when it fails."""
         done = subprocess.run(
-            [redis_cli_binary(), *self.cli_auth, *args],
+            [redis_binary("redis-cli"), *self.cli_auth, *args],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -41,11 +41,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def redis_server_binary() -> str:
-    binary = shutil.which("redis-server")
+def redis_binary(name: str) -> str:
+    """Debian's ``redis-server``, ``redis-cli`` or ``redis-sentinel`` (scripts/ensure-system-packages.sh)."""
+    binary = shutil.which(name)
     if binary is None:
-        raise RuntimeError("redis-server is not installed: run `make install` (it installs the Debian package)")
+        raise RuntimeError(f"{name} is not installed: run `make install` (it installs the Debian package)")
     return binary
+
+
+def redis_server_binary() -> str:
+    return redis_binary("redis-server")
 
 
 class RedisServer:

@@ -9,7 +9,6 @@ Readiness and failovers are polled with deadlines, never slept for.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -20,7 +19,7 @@ from typing import TypeVar
 import redis
 
 from testkit.processes import stop_process
-from testkit.redis_server import free_port, redis_server_binary
+from testkit.redis_server import free_port, redis_binary, redis_server_binary
 
 T = TypeVar("T")
 SERVICE = "engram"
@@ -50,11 +49,7 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, interval: floa
 
 
 def redis_sentinel_command() -> list[str]:
-    """Debian's ``redis-sentinel`` (installed by scripts/ensure-system-packages.sh)."""
-    binary = shutil.which("redis-sentinel")
-    if binary is None:
-        raise RuntimeError("redis-sentinel is not installed: run `make install` (it installs the Debian package)")
-    return [binary]
+    return [redis_binary("redis-sentinel")]
 
 
 class Node:

@@ -611,7 +611,7 @@ class HistoryStore:
             if time.monotonic() + delay > deadline:
                 raise StoreUnavailable(f"Redis Cluster: this session's hash slot is still moving ({error})")
             if isinstance(error, MovedError):  # the slot has a new primary (a failover, a finished migration)
-                await self.client.nodes_manager.initialize()
+                await self.client.nodes_manager.move_slot(error)  # as redis-py does (connections.py)
             elif isinstance(error, AskError):  # the slot is migrating and these keys are already there
                 asked = self.client.get_node(host=error.host, port=error.port)
             else:  # TRYAGAIN: the keys are split mid-migration; wait for the rest to move

@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from engram.history.functions import CLUSTER_CLIENT_COMMANDS
 from engram.redis_keys import KeySpace, validate_tenant
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,8 @@ OPERATOR_COMMANDS: tuple[str, ...] = (
     "ping",
     "client|setname",  # the client names its connections
     # a Redis Cluster (ENGRAM_REDIS_MODE=cluster): what redis-py's Cluster client sends, and the node list
-    "cluster|slots",
+    *CLUSTER_CLIENT_COMMANDS,
     "cluster|nodes",  # every node gets the tenants' users, replicas included
-    "command",
-    "asking",
 )
 
 

@@ -15,23 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
-from engram.connections import RedisClient, cluster_nodes, create_redis, sentinel_nodes, sentinel_pool
+from engram.connections import RedisClient, cluster_nodes, create_redis, primary_address, sentinel_nodes
 from engram.settings import Settings
 
 
 def node_name(client: RedisClient) -> str:
     """``host:port`` (or the socket path) of a client, for messages: never its credentials."""
-    if not hasattr(client, "connection_pool"):  # a Cluster client
-        return "the cluster"
-    pool = sentinel_pool(client)
-    if pool is not None:
-        address = pool.master_address
-        return f"{address[0]}:{address[1]}" if address else f"primary of {pool.service_name!r}"
-    kwargs = client.connection_pool.connection_kwargs
-    if kwargs.get("path"):
-        return str(kwargs["path"])
-    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+    return "the cluster" if isinstance(client, RedisCluster) else primary_address(client)
 
 
 def split_urls(value: str | None) -> list[str]:
