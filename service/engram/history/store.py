@@ -188,10 +188,11 @@ async def redis_errors() -> AsyncIterator[None]:
         # a Cluster without a primary for the slot (a failover), or a slot still moving after the retries
         # (AskError: MOVED and ASK redirects redis-py did not follow)
         raise StoreUnavailable(f"Redis Cluster is unavailable for this session: {error}") from error
-    except RuntimeError as error:
-        # uvloop's answer to a write on a connection the node closed (a killed node), where asyncio's is an
-        # OSError; redis-py has dropped that connection already
-        if "closed" not in str(error):
+    except (RuntimeError, AttributeError) as error:
+        # A connection closed under the call: uvloop's RuntimeError for a write on a connection the node closed
+        # (asyncio's is an OSError), or redis-py's cluster client closing every connection after CLUSTERDOWN
+        # during a failover, including one another request was about to write on (its writer is then None).
+        if "closed" not in str(error) and "writelines" not in str(error):
             raise
         raise StoreUnavailable(f"Redis is unavailable: the connection was closed ({error})") from error
     except OutOfMemoryError as error:
