@@ -109,6 +109,23 @@ async def drive(
     return load
 
 
+def commits_by_node(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> dict[str, float]:
+    """``engram_redis_commits_total`` as scraped: turns committed, by the node that was the primary."""
+    return {
+        dict(labels)["node"]: value for (name, labels), value in samples.items() if name == "engram_redis_commits_total"
+    }
+
+
+def check_commits_moved(commits: dict[str, float], old_primary: str, load: Load, figures: dict[str, object]) -> None:
+    """/metrics tells which node took the commits: the killed primary before the kill, another node after
+    (the promoted one; after a second, unplanned failover on a loaded machine, more than one), and every
+    acknowledged turn was counted once (a retry answered from the store is not a commit, hence ``>=``)."""
+    seen = f"commits by node {commits}; {figures}"
+    assert commits.get(old_primary, 0) > 0, seen
+    assert any(count > 0 for node, count in commits.items() if node != old_primary), seen
+    assert sum(commits.values()) >= load.count() - int(figures["answers_503"] or 0), seen
+
+
 def failover_figures(load: Load) -> dict[str, float | int | None]:
     assert load.killed_at is not None
     unavailable = [t for t, status, _ in load.answers if status == 503]

@@ -29,10 +29,12 @@ from engram.tenancy import acl
 from testkit.cluster import ClusterTopology
 from testkit.sentinel import Node, wait_until
 from tests.reliability.support import record
-from tests.server.support import ServiceProcess, metric, scrape, service_env
+from tests.server.support import ServiceProcess, scrape, service_env
 from tests.topologies.failover import (
     TENANT,
+    check_commits_moved,
     commit_as_tenant,
+    commits_by_node,
     drive,
     failover_figures,
     provision,
@@ -78,12 +80,7 @@ async def test_a_killed_cluster_primary_costs_a_short_503_window_and_no_acknowle
         service.stop()
     figures = {**failover_figures(load), **figures_at}
     new_primary = promoted[0]
-    # /metrics tells which node took the commits: the old primary before the kill, the promoted one after
-    commits_on = {
-        node.port: metric(samples, "engram_redis_commits_total", node=f"127.0.0.1:{node.port}")
-        for node in (old_primary, new_primary)
-    }
-    assert all(count > 0 for count in commits_on.values()), commits_on
+    check_commits_moved(commits_by_node(samples), f"127.0.0.1:{old_primary.port}", load, figures)
 
     store = store_from_url(cluster.url)
     try:
