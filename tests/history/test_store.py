@@ -18,6 +18,7 @@ import redis
 from engram.errors import InvalidCursor, InvalidMessage, InvalidSessionId, MessageTooLarge, StoreFull, StoreUnavailable
 from engram.history import HistoryStore
 from engram.history.cache import drop_unanswerable_start, fit_budget
+from engram.history.store import redis_errors
 from engram.llama_index._runtime import url_of
 from engram.messages import NewMessage
 from engram.policy import Policy
@@ -350,3 +351,24 @@ async def test_redis_down_fails_fast_with_store_unavailable(redis_server: RedisS
     redis_server.start()  # AOF with fsync always: the acknowledged turn survived the crash
     window = await store.load_window("acme", "s1", 3000)
     assert [m.content for m in window.messages] == ["q", "a"]
+
+
+@pytest.mark.parametrize(
+    "closed_under_the_call",
+    [
+        # uvloop, writing on a connection the killed node closed
+        RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False>; the handler is closed"),
+        # redis-py 8.1's cluster client, after closing every connection on CLUSTERDOWN (redis/redis-py#4287)
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+    ],
+)
+async def test_a_connection_closed_under_a_call_is_store_unavailable_and_other_bugs_stay_bugs(
+    closed_under_the_call: Exception,
+) -> None:
+    with pytest.raises(StoreUnavailable, match="the connection was closed"):
+        async with redis_errors():
+            raise closed_under_the_call
+    unrelated = type(closed_under_the_call)("'Window' object has no attribute 'tail'")
+    with pytest.raises(type(closed_under_the_call)):  # a bug is a 500 with a log, never passed off as a 503
+        async with redis_errors():
+            raise unrelated

@@ -192,6 +192,8 @@ async def redis_errors() -> AsyncIterator[None]:
         # A connection closed under the call: uvloop's RuntimeError for a write on a connection the node closed
         # (asyncio's is an OSError), or redis-py's cluster client closing every connection after CLUSTERDOWN
         # during a failover, including one another request was about to write on (its writer is then None).
+        # redis-py 8.1.0 lets both escape as non-Redis errors; its fix (redis/redis-py#4288, for #4287: a
+        # ConnectionError instead) is merged but not released yet.
         if "closed" not in str(error) and "writelines" not in str(error):
             raise
         raise StoreUnavailable(f"Redis is unavailable: the connection was closed ({error})") from error
