@@ -193,7 +193,7 @@ class SentinelTopology:
                 sentinel.spawn()
             for sentinel in self.sentinels:
                 sentinel.wait_ready()
-            self.wait_settled(self.nodes[0].port, len(self.nodes) - 1, timeout)
+            self.wait_settled(len(self.nodes) - 1, timeout, primary_port=self.nodes[0].port)
         except BaseException:
             self.stop()
             raise
@@ -249,37 +249,42 @@ class SentinelTopology:
             raise RuntimeError("the Sentinels do not agree on a primary")
         return self.node_on(port)
 
-    def wait_settled(self, primary_port: int, replicas: int, timeout: float) -> None:
-        """Until every Sentinel names ``primary_port``, knows the other Sentinels and sees ``replicas``
-        replicas up, and the primary has them connected."""
+    def wait_settled(
+        self, replicas: int, timeout: float, *, primary_port: int | None = None, away_from: int | None = None
+    ) -> int:
+        """Until every Sentinel names one primary (``primary_port``, or any but ``away_from``), knows the other
+        Sentinels and sees ``replicas`` replicas up, and that primary has them connected; returns its port.
 
-        def settled() -> bool:
+        Without ``primary_port`` the primary is read again at every poll, so a second failover the Sentinels
+        start on their own (seen on a loaded machine: a Sentinel whose link to the just-promoted primary is not
+        up within ``down_after_ms`` votes it down too) is followed, not mistaken for a failure."""
+
+        def settled() -> int | None:
+            views = []  # (primary port, healthy, replicas up) as each Sentinel sees them
             for sentinel in self.sentinels:
                 with sentinel.client() as client:
                     state = client.sentinel_master(SERVICE)
-                    if int(state["port"]) != primary_port or state.get("is_sdown") or state.get("is_odown"):
-                        return False
-                    if int(state["num-other-sentinels"]) != len(self.sentinels) - 1:
-                        return False
                     up = [r for r in client.sentinel_slaves(SERVICE) if not r["is_sdown"] and not r["is_odown"]]
-                    if len(up) < replicas:
-                        return False
-            with self.node_on(primary_port).client() as client:
-                return int(client.info("replication")["connected_slaves"]) >= replicas
-
-        wait_until(settled, timeout, f"the Sentinels to settle on primary {primary_port} with {replicas} replicas")
-
-    def wait_failover(self, old_port: int, timeout: float = 30.0) -> int:
-        """Until a majority of the Sentinels name a primary other than ``old_port`` and it is a primary."""
-
-        def promoted() -> int | None:
-            port = self.primary_port()
-            if port is None or port == old_port:
+                healthy = not state.get("is_sdown") and not state.get("is_odown")
+                healthy = healthy and int(state["num-other-sentinels"]) == len(self.sentinels) - 1
+                views.append((int(state["port"]), healthy, len(up)))
+            ports = {port for port, _, _ in views}
+            port = ports.pop() if len(ports) == 1 else None
+            if port is None or port == away_from or (primary_port is not None and port != primary_port):
+                return None
+            if not all(healthy and up >= replicas for _, healthy, up in views):
                 return None
             with self.node_on(port).client() as client:
-                return port if client.info("replication")["role"] == "master" else None
+                info = client.info("replication")
+            return port if info["role"] == "master" and int(info["connected_slaves"]) >= replicas else None
 
-        return wait_until(promoted, timeout, f"a failover away from port {old_port}")
+        wanted = primary_port if primary_port is not None else f"a primary other than {away_from}"
+        return wait_until(settled, timeout, f"the Sentinels to settle on {wanted} with {replicas} replicas")
+
+    def wait_failover(self, old_port: int, timeout: float = 30.0) -> int:
+        """Until the Sentinels have settled on a primary other than ``old_port`` with the other replica(s) up
+        (all but the old primary), and that primary serves; returns its port."""
+        return self.wait_settled(len(self.nodes) - 2, timeout, away_from=old_port)
 
     def failovers(self) -> int:
         """How many times the primary changed, as the first Sentinel logged it (``+switch-master``)."""

@@ -293,7 +293,7 @@ def sentinel_pool(client: RedisClient) -> SentinelConnectionPool | None:
     return pool if isinstance(pool, SentinelConnectionPool) else None
 
 
-def sentinel_url_of(client: aioredis.Redis) -> str | None:
+def sentinel_url_of(client: RedisClient) -> str | None:
     """The ``redis+sentinel://`` URL (without password) a Sentinel client was made from, else None."""
     pool = sentinel_pool(client)
     if pool is None:
@@ -307,7 +307,7 @@ def sentinel_url_of(client: aioredis.Redis) -> str | None:
     return f"{SENTINEL_SCHEME}://{user}{hosts}/{pool.service_name}/{kwargs.get('db', 0)}"
 
 
-async def sentinel_nodes(client: aioredis.Redis) -> tuple[tuple[str, int], list[tuple[str, int]]] | None:
+async def sentinel_nodes(client: RedisClient) -> tuple[tuple[str, int], list[tuple[str, int]]] | None:
     """The primary and the replicas (those not down) the Sentinels know now, for a Sentinel client."""
     pool = sentinel_pool(client)
     if pool is None:
@@ -345,10 +345,8 @@ def primary_address(client: RedisClient, key: str | None = None) -> str:
     return str(kwargs["path"]) if kwargs.get("path") else f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
 
-def cluster_url_of(client: RedisClient) -> str | None:
-    """The ``redis+cluster://`` URL (without password) of a Cluster client's nodes, else None."""
-    if not isinstance(client, RedisCluster):
-        return None
+def cluster_url_of(client: RedisCluster) -> str:
+    """The ``redis+cluster://`` URL (without password) of a Cluster client's nodes."""
     nodes = client.get_nodes() or list(client.nodes_manager.startup_nodes.values())
     hosts = ",".join(f"[{n.host}]:{n.port}" if ":" in n.host else f"{n.host}:{n.port}" for n in nodes)
     username = client.connection_kwargs.get("username")

@@ -104,7 +104,7 @@ async def test_a_killed_primary_costs_a_short_503_window_and_no_acknowledged_tur
         return info["role"] == "slave" and int(info["master_port"]) == new_port and info["master_link_status"] == "up"
 
     wait_until(rejoined, 15, "the old primary to rejoin as a replica")
-    topology.wait_settled(new_port, 2, 30)
+    topology.wait_settled(2, 30, primary_port=new_port)
     await repair(settings, credentials)
     assert old_primary.port in tenant_user_nodes(topology.nodes)
 

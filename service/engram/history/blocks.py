@@ -35,9 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+from engram.connections import RedisClient
 from engram.history.store import redis_errors
 from engram.redis_keys import SESSION_ID_PATTERN, BlockKeys, KeySpace
 
@@ -77,7 +77,7 @@ class BlockState:
     """Memory blocks' state of every session of one Redis (``client`` decodes responses, as
     :func:`engram.connections.create_redis` makes it)."""
 
-    def __init__(self, client: aioredis.Redis, keys: KeySpace) -> None:
+    def __init__(self, client: RedisClient, keys: KeySpace) -> None:
         self.client = client
         self.keys = keys
 

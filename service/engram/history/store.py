@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
     AskError,
@@ -41,6 +40,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from engram.connections import RedisClient
 from engram.errors import (
     EngramError,
     InvalidCursor,
@@ -256,7 +256,7 @@ class HistoryStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         keys: KeySpace | None = None,
         *,
         cache_sessions: int = 10_000,
@@ -597,13 +597,13 @@ class HistoryStore:
         deadline = time.monotonic() + MIGRATION_PATIENCE_SECONDS
         for delay in _migration_backoff():
             node = asked or self.client.get_node_from_key(key)
-            pipe = self.client.pipeline()
+            on_node = self.client.pipeline()
             if asked is not None:
-                pipe.execute_command("ASKING", target_nodes=node)
+                on_node.execute_command("ASKING", target_nodes=node)
             for command in commands:
-                pipe.execute_command(*command, target_nodes=node)
-            pipe.execute_command("WAIT", 1, self.commit_replica_timeout_ms, target_nodes=node)
-            replies = list(await pipe.execute(raise_on_error=False, allow_redirections=False))
+                on_node.execute_command(*command, target_nodes=node)
+            on_node.execute_command("WAIT", 1, self.commit_replica_timeout_ms, target_nodes=node)
+            replies = list(await on_node.execute(raise_on_error=False, allow_redirections=False))
             replies = replies[1:] if asked is not None else replies
             error = next((reply for reply in replies if isinstance(reply, Exception)), None)
             asked = None

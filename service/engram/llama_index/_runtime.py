@@ -16,6 +16,7 @@ from typing import Any, Self, TypeVar
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, PrivateAttr
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
 from engram.connections import (
@@ -174,14 +175,17 @@ def url_of(store: HistoryStore) -> str:
     """A URL that reconnects to ``store``'s Redis, without its password: a serialized adapter must not
     carry a secret it was not given as part of a URL (the reconnect reads ``ENGRAM_REDIS_PASSWORD``).
     A store on Sentinels gives its ``redis+sentinel://`` URL: the copy follows failovers too."""
-    topology_url = sentinel_url_of(store.client) or cluster_url_of(store.client)
-    if topology_url is not None:
-        return topology_url
-    kwargs = store.client.connection_pool.connection_kwargs
+    client = store.client
+    if isinstance(client, RedisCluster):
+        return cluster_url_of(client)
+    sentinel_url = sentinel_url_of(client)
+    if sentinel_url is not None:
+        return sentinel_url
+    kwargs = client.connection_pool.connection_kwargs
     db = kwargs.get("db", 0)
     if "path" in kwargs:
         return f"unix://{kwargs['path']}?db={db}"
-    scheme = "rediss" if "ssl" in store.client.connection_pool.connection_class.__name__.lower() else "redis"
+    scheme = "rediss" if "ssl" in client.connection_pool.connection_class.__name__.lower() else "redis"
     user = f"{kwargs['username']}@" if kwargs.get("username") else ""
     return f"{scheme}://{user}{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{db}"
 

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from engram.connections import RedisClient, cluster_nodes, create_redis, primary_address, sentinel_nodes
+from engram.connections import (
+    RedisClient,
+    cluster_nodes,
+    create_redis,
+    primary_address,
+    sentinel_nodes,
+    sentinel_pool,
+)
 from engram.settings import Settings
 
 
@@ -43,7 +50,9 @@ class RedisNodes:
 
     @property
     def all(self) -> tuple[aioredis.Redis, ...]:
-        """The configured nodes (standalone). In sentinel mode use :meth:`every_node`."""
+        """The configured nodes (standalone). In sentinel and cluster mode use :meth:`every_node`."""
+        if isinstance(self.primary, RedisCluster):  # one client for many nodes: ACL commands need each node
+            raise TypeError("a Redis Cluster's nodes are found by every_node(), not configured")
         return (self.primary, *self.replicas)
 
     async def every_node(self) -> tuple[aioredis.Redis, ...]:
@@ -58,7 +67,8 @@ class RedisNodes:
         if topology is None:
             return self.all
         primary, replicas = topology
-        return self._node_clients([primary, *replicas], self.primary.connection_pool.connection_kwargs.get("db", 0))
+        pool = sentinel_pool(self.primary)
+        return self._node_clients([primary, *replicas], pool.connection_kwargs.get("db", 0) if pool else 0)
 
     def _node_clients(self, addresses: list[tuple[str, int]], db: int) -> tuple[aioredis.Redis, ...]:
         """One client per node address (kept for the next call), with the settings' credentials."""
@@ -85,5 +95,5 @@ class RedisNodes:
         )
 
     async def aclose(self) -> None:
-        for client in (*self.all, *self.discovered.values()):
+        for client in (self.primary, *self.replicas, *self.discovered.values()):
             await client.aclose()

@@ -20,6 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from engram.connections import RedisClient
 from engram.errors import InvalidTenant, StoreUnavailable
 from engram.history.functions import CLUSTER_CLIENT_COMMANDS, TENANT_COMMANDS, ensure_library
 from engram.history.store import HistoryStore
@@ -153,7 +154,7 @@ async def _ensure_acl_user(
 
 
 async def _ensure_record(
-    client: aioredis.Redis, keys: KeySpace, current: TenantRecord | None, record: TenantRecord
+    client: RedisClient, keys: KeySpace, current: TenantRecord | None, record: TenantRecord
 ) -> list[str]:
     changes: list[str] = []
     key = keys.tenant_record(record.tenant)
@@ -225,27 +226,27 @@ async def remove_tenant(
     return Removal(record_deleted=bool(deleted), acl_deleted_on=deleted_on, sessions_purged=purged)
 
 
-def _history(client: aioredis.Redis, keys: KeySpace) -> HistoryStore:
+def _history(client: RedisClient, keys: KeySpace) -> HistoryStore:
     # Purging and counting never tokenize or cache: a no-op tokenizer spares loading tiktoken.
     return HistoryStore(client, keys, cache_sessions=0, tokenizer=lambda _text: 0)
 
 
-async def purge_sessions(client: aioredis.Redis, keys: KeySpace, tenant: str, *, batch: int = 100) -> int:
+async def purge_sessions(client: RedisClient, keys: KeySpace, tenant: str, *, batch: int = 100) -> int:
     """Delete every key of ``tenant`` (sessions and session index; its registry record is not one of
     them) with SCAN MATCH on its prefix, ``batch`` per step: a session the index misses goes too."""
     return await _history(client, keys).purge_tenant(tenant, batch=batch)
 
 
-async def count_sessions(client: aioredis.Redis, keys: KeySpace, tenant: str) -> int:
+async def count_sessions(client: RedisClient, keys: KeySpace, tenant: str) -> int:
     return await _history(client, keys).count_sessions(tenant)
 
 
-async def tenant_usage(client: aioredis.Redis, keys: KeySpace, tenant: str) -> Usage:
+async def tenant_usage(client: RedisClient, keys: KeySpace, tenant: str) -> Usage:
     """What the tenant stores, as its quotas count it (sessions that expired are swept out first)."""
     return await _history(client, keys).usage(tenant)
 
 
-async def list_tenants(client: aioredis.Redis, keys: KeySpace) -> list[TenantRecord]:
+async def list_tenants(client: RedisClient, keys: KeySpace) -> list[TenantRecord]:
     """Registered tenants, by name (members whose record is missing or unreadable are skipped)."""
     members = await redis_call(lambda: client.smembers(keys.tenant_set()), "list tenants")
     names = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)

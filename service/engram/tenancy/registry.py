@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from cachetools import TTLCache
 from redis.exceptions import RedisError
 
+from engram.connections import RedisClient
 from engram.errors import StoreUnavailable
 from engram.policy import Tenant
 from engram.redis_keys import KeySpace
@@ -38,7 +39,7 @@ async def redis_call(make_call: Callable[[], Awaitable[T]], what: str) -> T:
         raise StoreUnavailable(f"Redis is unavailable ({what}): {type(error).__name__}: {error}") from error
 
 
-async def read_record(redis: aioredis.Redis, keys: KeySpace, tenant: str) -> TenantRecord | None:
+async def read_record(redis: RedisClient, keys: KeySpace, tenant: str) -> TenantRecord | None:
     """The tenant's registry record, or None when there is none.
 
     Raises :class:`InvalidRecord` for a hash that does not parse and :class:`StoreUnavailable` when
