@@ -37,18 +37,18 @@ test: ## Lint and the whole suite: real redis-server, uvicorn, haproxy, chromium
 	@$(call timed,install,$(MAKE) --no-print-directory install)
 	@$(call timed,helm,$(MAKE) --no-print-directory helm)
 	@$(call timed,control-plane build,$(MAKE) --no-print-directory control-plane)
-	@$(call timed,lint,$(MAKE) --no-print-directory lint-ruff)
+	@$(call timed,lint,$(MAKE) --no-print-directory lint-code)
 	@# ENGRAM_REQUIRE_CONTROL_PLANE: here the kube_real tests must run; a missing binary fails them instead of skipping.
 	@$(call timed,tests,ENGRAM_REQUIRE_CONTROL_PLANE=1 $(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS))
 
 .PHONY: lint
-lint: install lint-ruff ## ruff (lint + format check) and mypy --strict
-	$(VENV)/bin/mypy
+lint: install lint-code ## Install, then ruff (lint + format check) and mypy --strict
 
-.PHONY: lint-ruff
-lint-ruff: ## ruff check and ruff format --check (what make test runs)
+.PHONY: lint-code
+lint-code: ## ruff check, ruff format --check and mypy --strict, without installing (what make test runs)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 .PHONY: format
 format: install ## Apply ruff's fixes and formatting
