@@ -268,7 +268,8 @@ class SentinelTopology:
                 healthy = not state.get("is_sdown") and not state.get("is_odown")
                 healthy = healthy and int(state["num-other-sentinels"]) == len(self.sentinels) - 1
                 views.append((int(state["port"]), healthy, len(up)))
-            ports = {port for port, _, _ in views}
+            # without Sentinels (a plain primary with replicas) the primary is the one given
+            ports = {port for port, _, _ in views} if views else {primary_port}
             port = ports.pop() if len(ports) == 1 else None
             if port is None or port == away_from or (primary_port is not None and port != primary_port):
                 return None
