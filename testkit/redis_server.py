@@ -5,6 +5,7 @@ Started with AOF on and ``appendfsync always`` so a ``kill -9`` loses nothing th
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import shutil
@@ -35,10 +36,29 @@ def quiet_ports(count: int) -> list[int]:
             return ports
 
 
+# Ports handed out lately by this process, so two servers started together never get the same one.
+_recent_ports: collections.deque[int] = collections.deque(maxlen=4000)
+_port_choice = random.SystemRandom()  # independent of tests that seed the module's random
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing is bound to, below the kernel's ephemeral range (32768+).
+
+    A port from ``bind(0)`` is an ephemeral one: any process's outgoing connection may take it between
+    this check and the server's bind (seen on a busy run: a Redis Cluster node's bus port, "Address already
+    in use"). Below that range only servers choose ports, and ours choose at random."""
+    for _ in range(1000):
+        port = _port_choice.randrange(20_000, 32_000)
+        if port in _recent_ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _recent_ports.append(port)
+        return port
+    raise RuntimeError("no free port found in 20000-31999")
 
 
 def redis_binary(name: str) -> str:
