@@ -25,40 +25,39 @@ def port_is_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def quiet_ports(count: int) -> list[int]:
-    """``count`` consecutive free ports below the kernel's ephemeral range (32768+), where other
-    processes' port-0 servers and outgoing connections do not land between our check and the bind
-    (for scripts that take fixed ports, such as scripts/run-local.sh)."""
-    while True:
-        first = random.randrange(20_000, 31_000 - count)
-        ports = list(range(first, first + count))
-        if all(port_is_free(p) for p in ports):
-            return ports
-
-
-# Ports handed out lately by this process, so two servers started together never get the same one.
-_recent_ports: collections.deque[int] = collections.deque(maxlen=4000)
+# Test servers take ports below the kernel's ephemeral range (32768+): a port from ``bind(0)`` is an
+# ephemeral one, which any process's outgoing connection may take between our check and the server's bind
+# (seen on a busy run: a Redis Cluster node's bus port, "Address already in use"). Below that range only
+# servers choose ports, and ours choose at random.
+QUIET_PORTS = range(20_000, 32_000)
+_recent_ports: collections.deque[int] = collections.deque(maxlen=4000)  # so two servers never share one
 _port_choice = random.SystemRandom()  # independent of tests that seed the module's random
 
 
-def free_port() -> int:
-    """A port nothing is bound to, below the kernel's ephemeral range (32768+).
+def _can_bind(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
-    A port from ``bind(0)`` is an ephemeral one: any process's outgoing connection may take it between
-    this check and the server's bind (seen on a busy run: a Redis Cluster node's bus port, "Address already
-    in use"). Below that range only servers choose ports, and ours choose at random."""
+
+def quiet_ports(count: int) -> list[int]:
+    """``count`` consecutive free ports in QUIET_PORTS (for scripts that take fixed ports, such as
+    scripts/run-local.sh)."""
     for _ in range(1000):
-        port = _port_choice.randrange(20_000, 32_000)
-        if port in _recent_ports:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _recent_ports.append(port)
-        return port
-    raise RuntimeError("no free port found in 20000-31999")
+        first = _port_choice.randrange(QUIET_PORTS.start, QUIET_PORTS.stop - count)
+        ports = list(range(first, first + count))
+        if not any(port in _recent_ports for port in ports) and all(_can_bind(port) for port in ports):
+            _recent_ports.extend(ports)
+            return ports
+    raise RuntimeError(f"no {count} consecutive free ports in {QUIET_PORTS}")
+
+
+def free_port() -> int:
+    """A free port in QUIET_PORTS, not handed out lately by this process."""
+    return quiet_ports(1)[0]
 
 
 def redis_binary(name: str) -> str:

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from redis.asyncio import connection as redis_connection
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
     AskError,
@@ -176,6 +177,19 @@ def _parse_summary(raw: Sequence[Any], window: Sequence[StoredMessage]) -> Sessi
     return SessionSummary(text, covers or None, int(covered), int(tokens), due)
 
 
+_REDIS_IO_FILE = redis_connection.__file__
+
+
+def _raised_in_redis_io(error: BaseException) -> bool:
+    """Whether ``error`` was raised inside redis-py's connection I/O (redis.asyncio.connection)."""
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename == _REDIS_IO_FILE:
+            return True
+        frame = frame.tb_next
+    return False
+
+
 @asynccontextmanager
 async def redis_errors() -> AsyncIterator[None]:
     """Redis' failures as Engram's errors: unreachable or timed out -> :class:`StoreUnavailable`, full ->
@@ -188,13 +202,13 @@ async def redis_errors() -> AsyncIterator[None]:
         # a Cluster without a primary for the slot (a failover), or a slot still moving after the retries
         # (AskError: MOVED and ASK redirects redis-py did not follow)
         raise StoreUnavailable(f"Redis Cluster is unavailable for this session: {error}") from error
-    except (RuntimeError, AttributeError) as error:
-        # A connection closed under the call: uvloop's RuntimeError for a write on a connection the node closed
-        # (asyncio's is an OSError), or redis-py's cluster client closing every connection after CLUSTERDOWN
-        # during a failover, including one another request was about to write on (its writer is then None).
-        # redis-py 8.1.0 lets both escape as non-Redis errors; its fix (redis/redis-py#4288, for #4287: a
-        # ConnectionError instead) is merged but not released yet.
-        if "closed" not in str(error) and "writelines" not in str(error):
+    except (RuntimeError, AttributeError, TypeError) as error:
+        # A connection closed under the call, which redis-py 8.1.0 lets escape from its socket I/O as a
+        # non-Redis error: uvloop's RuntimeError for a write on a transport the node closed, or the writer
+        # gone (None) because another task closed the connection meanwhile, as redis-py's cluster client
+        # does to every connection on CLUSTERDOWN during a failover (redis/redis-py#4287; the fix, #4288,
+        # is merged but not released). Told apart from Engram's own bugs by where it was raised, not its text.
+        if not _raised_in_redis_io(error):
             raise
         raise StoreUnavailable(f"Redis is unavailable: the connection was closed ({error})") from error
     except OutOfMemoryError as error:
